@@ -1,0 +1,1 @@
+//! FaaSNet coordinator (placeholder; see issue 3).
