@@ -121,7 +121,7 @@ where
         cutter.flush_block()?;
         cutter.jobs = None;
         let tar_size = cutter.consumed;
-        if tar_size < 1024 || tar_size % 512 != 0 {
+        if tar_size < 1024 || !tar_size.is_multiple_of(512) {
             let _ = writer.join();
             return Err(FormatError::NotTar(format!(
                 "stream is {tar_size} bytes, not a whole tar archive"
