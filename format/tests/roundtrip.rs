@@ -236,3 +236,32 @@ proptest! {
         prop_assert_eq!(layer.toc.entries.len(), files.len());
     }
 }
+
+/// The blob is a plain LZ4 frame stream: the reference `lz4` tool decodes it to the original
+/// tar, skipping the TOC and footer frames. Skipped (loudly) where the tool is not installed.
+#[test]
+fn reference_lz4_tool_decodes_blob() {
+    if std::process::Command::new("lz4").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: lz4 tool not installed (apt-get install lz4)");
+        return;
+    }
+    let tar = tricky_tar(64 * 1024);
+    let (blob, _) = convert(&tar, 64 * 1024);
+    let dir = tempfile_dir();
+    let path = dir.join("layer.lz4");
+    std::fs::write(&path, &blob).unwrap();
+    let out = std::process::Command::new("lz4")
+        .args(["-dc", "--no-frame-crc"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.stdout, tar);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+fn tempfile_dir() -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("faasnet-format-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
