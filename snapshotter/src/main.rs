@@ -1,1 +1,144 @@
-fn main() {}
+//! `snapshotter`: the FaaSNet containerd proxy snapshotter daemon.
+//!
+//!     snapshotter --config /etc/faasnet/snapshotter.toml [--root DIR] [--socket PATH]
+//!
+//! Serves containerd's snapshots API on a unix socket (containerd's
+//! `[proxy_plugins.<name>] type = "snapshot"`), Prometheus metrics on HTTP, and stops
+//! cleanly on SIGINT/SIGTERM.
+
+use std::{path::PathBuf, sync::Arc};
+
+use anyhow::Context;
+use clap::Parser;
+use faasnet_snapshotter::{
+    config::{Config, DEFAULT_CONFIG_PATH},
+    metrics::{Endpoint, Metrics},
+    service::{serve, Service},
+    snapshots::Overlay,
+    NoRemoteLayers, RemoteLayers,
+};
+use tokio::sync::watch;
+use tracing_subscriber::EnvFilter;
+
+/// FaaSNet containerd snapshotter: overlayfs snapshots, with lazily mounted remote layers.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// TOML config file. A missing file at the default path means all defaults.
+    #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+    /// Root directory (overrides `root`).
+    #[arg(long)]
+    root: Option<PathBuf>,
+    /// Unix socket for containerd (overrides `socket`).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Log filter (overrides `log_level`; RUST_LOG overrides both).
+    #[arg(long)]
+    log_level: Option<String>,
+    /// Metrics address, empty to disable (overrides `metrics_address`).
+    #[arg(long)]
+    metrics_address: Option<String>,
+}
+
+fn load_config(args: &Args) -> anyhow::Result<Config> {
+    let mut config = if args.config == std::path::Path::new(DEFAULT_CONFIG_PATH)
+        && !args.config.exists()
+    {
+        Config::default()
+    } else {
+        Config::load(&args.config)?
+    };
+    if let Some(root) = &args.root {
+        config.root = root.clone();
+    }
+    if let Some(socket) = &args.socket {
+        config.socket = socket.clone();
+    }
+    if let Some(level) = &args.log_level {
+        config.log_level = level.clone();
+    }
+    if let Some(addr) = &args.metrics_address {
+        config.metrics_address = addr.clone();
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+/// The lazy path plugs in here: build its [`RemoteLayers`] from `config.lazy` and
+/// `config.coordinator`, registering its metrics into `metrics`. Until then every layer
+/// takes the ordinary path.
+fn remote_layers(config: &Config, _metrics: &Metrics) -> anyhow::Result<Arc<dyn RemoteLayers>> {
+    if config.lazy.enabled {
+        tracing::debug!("lazy path not built into this snapshotter: all layers are unpacked");
+    }
+    Ok(Arc::new(NoRemoteLayers))
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let config = load_config(&args)?;
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(env) if !env.is_empty() => EnvFilter::new(env),
+        _ => EnvFilter::try_new(&config.log_level)
+            .with_context(|| format!("config field `log_level`: bad filter {:?}", config.log_level))?,
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+
+    let metrics = Arc::new(Metrics::new());
+    let core = {
+        let root = config.root.clone();
+        tokio::task::spawn_blocking(move || Overlay::open(&root))
+            .await?
+            .with_context(|| format!("open snapshotter root {}", config.root.display()))?
+    };
+    let remote = remote_layers(&config, &metrics)?;
+    let service = Service::new(Arc::new(core), remote, metrics.clone());
+    let restored = service.restore_remote_snapshots().await?;
+    tracing::info!(root = %config.root.display(), restored, "snapshotter ready");
+
+    // One signal stops both servers.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("stopping");
+        let _ = stop_tx.send(true);
+    });
+
+    let metrics_task = match config.metrics_addr()? {
+        Some(addr) => {
+            let endpoint = Endpoint::bind(addr, metrics.clone())
+                .with_context(|| format!("config field `metrics_address`: bind {addr}"))?;
+            tracing::info!(address = %endpoint.local_addr(), "serving metrics on /metrics");
+            Some(tokio::spawn(endpoint.serve(stopped(stop_rx.clone()))))
+        }
+        None => None,
+    };
+
+    let core = service.core().clone();
+    serve(service, &config.socket, stopped(stop_rx)).await?;
+    if let Some(task) = metrics_task {
+        if let Ok(Err(e)) = task.await {
+            tracing::warn!(error = %e, "metrics endpoint");
+        }
+    }
+    core.metadata().flush()?;
+    tracing::info!("stopped");
+    Ok(())
+}
