@@ -173,9 +173,7 @@ impl Config {
         if !self.socket.is_absolute() {
             return invalid("socket", "must be an absolute path");
         }
-        if let Err(e) = self.metrics_addr() {
-            return Err(e);
-        }
+        self.metrics_addr()?;
         if let Some(dir) = &self.lazy.cache_dir {
             if !dir.is_absolute() {
                 return invalid("lazy.cache_dir", "must be an absolute path");
@@ -196,7 +194,10 @@ impl Config {
             }
         }
         if self.coordinator.token.is_some() && self.coordinator.token_file.is_some() {
-            return invalid("coordinator.token_file", "set either token or token_file, not both");
+            return invalid(
+                "coordinator.token_file",
+                "set either token or token_file, not both",
+            );
         }
         if self.coordinator.tenant.is_empty() {
             return invalid("coordinator.tenant", "must not be empty");
@@ -242,8 +243,14 @@ mod tests {
     fn empty_file_is_all_defaults() {
         assert_eq!(parse("").unwrap(), Config::default());
         let c = Config::default();
-        assert_eq!(c.metrics_addr().unwrap(), Some("127.0.0.1:9101".parse().unwrap()));
-        assert_eq!(c.cache_dir(), PathBuf::from("/var/lib/faasnet-snapshotter/cache"));
+        assert_eq!(
+            c.metrics_addr().unwrap(),
+            Some("127.0.0.1:9101".parse().unwrap())
+        );
+        assert_eq!(
+            c.cache_dir(),
+            PathBuf::from("/var/lib/faasnet-snapshotter/cache")
+        );
     }
 
     #[test]
@@ -280,15 +287,23 @@ mod tests {
     fn errors_name_the_field() {
         let e = parse("rooot = \"/x\"").unwrap_err().to_string();
         assert!(e.contains("rooot"), "{e}");
-        let e = parse("[lazy]\ncache_quota_bytes = \"big\"").unwrap_err().to_string();
+        let e = parse("[lazy]\ncache_quota_bytes = \"big\"")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("cache_quota_bytes"), "{e}");
-        let e = parse("[lazy]\npeer_listen = \"nowhere\"").unwrap_err().to_string();
+        let e = parse("[lazy]\npeer_listen = \"nowhere\"")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("peer_listen"), "{e}");
-        let e = parse("metrics_address = \"localhost\"").unwrap_err().to_string();
+        let e = parse("metrics_address = \"localhost\"")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("metrics_address"), "{e}");
         let e = parse("root = \"relative\"").unwrap_err().to_string();
         assert!(e.contains("`root`"), "{e}");
-        let e = parse("[coordinator]\nendpoint = \"10.0.0.1:1\"").unwrap_err().to_string();
+        let e = parse("[coordinator]\nendpoint = \"10.0.0.1:1\"")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("coordinator.endpoint"), "{e}");
     }
 }

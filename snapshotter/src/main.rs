@@ -42,13 +42,12 @@ struct Args {
 }
 
 fn load_config(args: &Args) -> anyhow::Result<Config> {
-    let mut config = if args.config == std::path::Path::new(DEFAULT_CONFIG_PATH)
-        && !args.config.exists()
-    {
-        Config::default()
-    } else {
-        Config::load(&args.config)?
-    };
+    let mut config =
+        if args.config == std::path::Path::new(DEFAULT_CONFIG_PATH) && !args.config.exists() {
+            Config::default()
+        } else {
+            Config::load(&args.config)?
+        };
     if let Some(root) = &args.root {
         config.root = root.clone();
     }
@@ -90,8 +89,12 @@ async fn main() -> anyhow::Result<()> {
     let config = load_config(&args)?;
     let filter = match std::env::var("RUST_LOG") {
         Ok(env) if !env.is_empty() => EnvFilter::new(env),
-        _ => EnvFilter::try_new(&config.log_level)
-            .with_context(|| format!("config field `log_level`: bad filter {:?}", config.log_level))?,
+        _ => EnvFilter::try_new(&config.log_level).with_context(|| {
+            format!(
+                "config field `log_level`: bad filter {:?}",
+                config.log_level
+            )
+        })?,
     };
     tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -121,7 +121,12 @@ fn snapshot_key(key: &str) -> Vec<u8> {
 }
 
 fn child_key(parent: u64, child: u64) -> Vec<u8> {
-    [CHILD_PREFIX, &parent.to_be_bytes()[..], &child.to_be_bytes()[..]].concat()
+    [
+        CHILD_PREFIX,
+        &parent.to_be_bytes()[..],
+        &child.to_be_bytes()[..],
+    ]
+    .concat()
 }
 
 fn children_prefix(parent: u64) -> Vec<u8> {
@@ -220,7 +225,12 @@ impl MetaStore {
 
     /// Whether the snapshot with id `id` has children.
     pub fn has_children(&self, id: u64) -> Result<bool> {
-        Ok(self.db.scan_prefix(children_prefix(id)).next().transpose()?.is_some())
+        Ok(self
+            .db
+            .scan_prefix(children_prefix(id))
+            .next()
+            .transpose()?
+            .is_some())
     }
 
     /// Flushes everything to disk.
@@ -259,7 +269,9 @@ impl Writer<'_> {
             )));
         }
         if key.is_empty() {
-            return Err(Error::InvalidArgument("snapshot key must not be empty".into()));
+            return Err(Error::InvalidArgument(
+                "snapshot key must not be empty".into(),
+            ));
         }
         let mut parent_ids = Vec::new();
         if !parent.is_empty() {
@@ -534,10 +546,19 @@ mod tests {
         {
             let w = s.write();
             let plan = w
-                .plan_create(Kind::Active, "a", "", labels(&[("keep", "1"), ("empty", "")]))
+                .plan_create(
+                    Kind::Active,
+                    "a",
+                    "",
+                    labels(&[("keep", "1"), ("empty", "")]),
+                )
                 .unwrap();
             let r = w.finish_create(plan).unwrap();
-            assert_eq!(r.labels, labels(&[("keep", "1")]), "empty values are dropped");
+            assert_eq!(
+                r.labels,
+                labels(&[("keep", "1")]),
+                "empty values are dropped"
+            );
             assert_eq!(r.created, r.updated);
         }
         let w = s.write();

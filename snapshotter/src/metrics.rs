@@ -212,10 +212,18 @@ mod tests {
         extra.inc_by(7);
         m.register("lazy_blocks_fetched", "test", extra);
         let text = m.encode();
-        assert!(text.contains("faasnet_snapshotter_prepares_total 1"), "{text}");
-        assert!(text.contains("faasnet_snapshotter_lazy_blocks_fetched_total 7"), "{text}");
         assert!(
-            text.contains(r#"faasnet_snapshotter_errors_total{op="remove",code="failed_precondition"} 1"#),
+            text.contains("faasnet_snapshotter_prepares_total 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("faasnet_snapshotter_lazy_blocks_fetched_total 7"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"faasnet_snapshotter_errors_total{op="remove",code="failed_precondition"} 1"#
+            ),
             "{text}"
         );
     }

@@ -103,8 +103,10 @@ impl Service {
             let mountpoint = self.core.upper_path(record.id);
             let detach = {
                 let mp = mountpoint.clone();
-                tokio::task::spawn_blocking(move || crate::snapshots::fsutil::detach_mounts_under(&mp))
-                    .await
+                tokio::task::spawn_blocking(move || {
+                    crate::snapshots::fsutil::detach_mounts_under(&mp)
+                })
+                .await
             };
             if let Ok(Err(e)) | Err(e) = detach.map_err(std::io::Error::other) {
                 tracing::warn!(snapshot = %name, error = %e, "cannot detach stale mount of remote snapshot");
@@ -184,7 +186,11 @@ impl Service {
             }
             Err(Error::AlreadyExists(_)) => {
                 // Another Prepare committed the same layer first: ours is redundant.
-                tracing::info!(key, target, "remote layer: target appeared meanwhile, dropping this copy");
+                tracing::info!(
+                    key,
+                    target,
+                    "remote layer: target appeared meanwhile, dropping this copy"
+                );
                 self.remove_inner(key.to_string(), true).await.ok();
                 true
             }
@@ -461,14 +467,21 @@ mod tests {
         });
         let svc = service(&root, remote.clone());
         let err = svc
-            .prepare("extract-1 chain1".into(), "".into(), unpack_labels("chain1", true))
+            .prepare(
+                "extract-1 chain1".into(),
+                "".into(),
+                unpack_labels("chain1", true),
+            )
             .await
             .unwrap_err();
         assert_eq!(tonic::Status::from(err).code(), tonic::Code::AlreadyExists);
         let info = svc.stat("chain1".into()).await.unwrap();
         assert_eq!(info.kind, containerd_snapshots::Kind::Committed);
         assert_eq!(info.labels[REMOTE_LABEL], REMOTE_LABEL_VALUE);
-        assert!(svc.stat("extract-1 chain1".into()).await.is_err(), "key consumed");
+        assert!(
+            svc.stat("extract-1 chain1".into()).await.is_err(),
+            "key consumed"
+        );
         assert_eq!(svc.metrics.remote_prepares.get(), 1);
 
         // A layer on top of it uses its mountpoint as lowerdir.
@@ -527,8 +540,15 @@ mod tests {
             .unwrap();
         assert_eq!(m[0].r#type, "bind");
         assert_eq!(svc.metrics.remote_fallbacks.get(), 1);
-        svc.commit("c".into(), "k".into(), HashMap::new()).await.unwrap();
-        assert!(!svc.stat("c".into()).await.unwrap().labels.contains_key(REMOTE_LABEL));
+        svc.commit("c".into(), "k".into(), HashMap::new())
+            .await
+            .unwrap();
+        assert!(!svc
+            .stat("c".into())
+            .await
+            .unwrap()
+            .labels
+            .contains_key(REMOTE_LABEL));
     }
 
     #[tokio::test]
@@ -540,13 +560,24 @@ mod tests {
         });
         let svc = service(&dir.path().join("r"), remote);
         // The target was committed meanwhile (e.g. an ordinary unpack finished first).
-        svc.prepare("x".into(), "".into(), HashMap::new()).await.unwrap();
-        svc.commit("chain".into(), "x".into(), HashMap::new()).await.unwrap();
+        svc.prepare("x".into(), "".into(), HashMap::new())
+            .await
+            .unwrap();
+        svc.commit("chain".into(), "x".into(), HashMap::new())
+            .await
+            .unwrap();
         let err = svc
-            .prepare("extract-2 chain".into(), "".into(), unpack_labels("chain", true))
+            .prepare(
+                "extract-2 chain".into(),
+                "".into(),
+                unpack_labels("chain", true),
+            )
             .await
             .unwrap_err();
         assert!(matches!(err, Error::AlreadyExists(_)));
-        assert!(svc.stat("extract-2 chain".into()).await.is_err(), "redundant copy removed");
+        assert!(
+            svc.stat("extract-2 chain".into()).await.is_err(),
+            "redundant copy removed"
+        );
     }
 }

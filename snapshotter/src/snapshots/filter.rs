@@ -11,10 +11,7 @@
 
 use regex::Regex;
 
-use crate::{
-    metadata::Record,
-    Error, Result,
-};
+use crate::{metadata::Record, Error, Result};
 
 #[derive(Debug)]
 enum Op {
@@ -246,7 +243,11 @@ mod tests {
             "p",
             &[("containerd.io/gc.root", "check-walk"), ("l", "2")],
         );
-        let p = rec(Kind::Committed, "", &[("containerd.io/gc.root", "check-walk")]);
+        let p = rec(
+            Kind::Committed,
+            "",
+            &[("containerd.io/gc.root", "check-walk")],
+        );
         let gc = r#"labels."containerd.io/gc.root"==check-walk"#;
         assert!(f(&[gc]).matches("a", &a));
         assert!(f(&[&format!("kind==active,{gc}")]).matches("a", &a));

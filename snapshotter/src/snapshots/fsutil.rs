@@ -56,12 +56,7 @@ pub fn detach_mounts_under(dir: &Path) -> io::Result<usize> {
     for mp in &mounts {
         match nix::mount::umount2(mp, nix::mount::MntFlags::MNT_DETACH) {
             Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
-            Err(e) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::Other,
-                    format!("detach {}: {e}", mp.display()),
-                ))
-            }
+            Err(e) => return Err(io::Error::other(format!("detach {}: {e}", mp.display()))),
         }
     }
     Ok(mounts.len())
@@ -86,7 +81,9 @@ fn unescape_mountinfo(field: &str) -> String {
         if bytes[i] == b'\\' && i + 4 <= bytes.len() {
             let oct = &bytes[i + 1..i + 4];
             if oct.iter().all(|b| (b'0'..=b'7').contains(b)) {
-                let v = oct.iter().fold(0u32, |acc, b| acc * 8 + u32::from(b - b'0'));
+                let v = oct
+                    .iter()
+                    .fold(0u32, |acc, b| acc * 8 + u32::from(b - b'0'));
                 out.push(v as u8);
                 i += 4;
                 continue;

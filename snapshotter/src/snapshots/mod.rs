@@ -348,7 +348,11 @@ mod tests {
         let kept;
         {
             let o = Overlay::open(&root).unwrap();
-            kept = o.create(Kind::Active, "a", "", HashMap::new()).unwrap().0.id;
+            kept = o
+                .create(Kind::Active, "a", "", HashMap::new())
+                .unwrap()
+                .0
+                .id;
             // A crash mid-Create and mid-Remove.
             fs::create_dir_all(root.join("snapshots/new-1-0/fs")).unwrap();
             fs::create_dir_all(root.join("snapshots/999/fs")).unwrap();
