@@ -524,10 +524,22 @@ impl Forest {
         let rx = self.with_node(key, node_id, |e| {
             let current = e.upstream(node_id).expect("checked");
             let info = e.tree.get_mut(node_id).expect("checked");
-            let tx = info
-                .watch
-                .get_or_insert_with(|| Arc::new(watch::channel(current).0));
-            tx.subscribe()
+            match &info.watch {
+                Some(tx) => {
+                    // Refresh the epoch for the new subscriber without waking the others:
+                    // their upstream did not change.
+                    tx.send_if_modified(|v| {
+                        *v = current;
+                        false
+                    });
+                    tx.subscribe()
+                }
+                None => {
+                    let (tx, rx) = watch::channel(current);
+                    info.watch = Some(Arc::new(tx));
+                    rx
+                }
+            }
         })?;
         self.sync().await?;
         Ok(rx)

@@ -87,7 +87,19 @@ type Waiter = oneshot::Sender<Result<(), StoreError>>;
 /// The sled database plus its group-commit flusher.
 pub struct Store {
     db: sled::Db,
-    flush_tx: mpsc::UnboundedSender<Waiter>,
+    // Both are `Option` only so that `drop` can close the channel, then join the thread:
+    // the thread holds a handle on the database, which stays locked until it is gone.
+    flush_tx: Option<mpsc::UnboundedSender<Waiter>>,
+    flusher: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.flush_tx.take();
+        if let Some(t) = self.flusher.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 fn meta_key(key: &TreeKey) -> Vec<u8> {
@@ -146,7 +158,7 @@ impl Store {
     fn with_db(db: sled::Db) -> Self {
         let (flush_tx, mut rx) = mpsc::unbounded_channel::<Waiter>();
         let flush_db = db.clone();
-        std::thread::Builder::new()
+        let flusher = std::thread::Builder::new()
             .name("coordinator-flush".into())
             .spawn(move || {
                 // Group commit: one flush covers every write applied before the waiters
@@ -163,7 +175,11 @@ impl Store {
                 }
             })
             .expect("spawn flusher thread");
-        Self { db, flush_tx }
+        Self {
+            db,
+            flush_tx: Some(flush_tx),
+            flusher: Some(flusher),
+        }
     }
 
     /// Reads every tree back, nodes in position order. Trees with a meta record but no
@@ -240,7 +256,11 @@ impl Store {
     /// Waits until everything written so far is on disk.
     pub async fn sync(&self) -> Result<(), StoreError> {
         let (tx, rx) = oneshot::channel();
-        self.flush_tx.send(tx).map_err(|_| StoreError::Closed)?;
+        self.flush_tx
+            .as_ref()
+            .ok_or(StoreError::Closed)?
+            .send(tx)
+            .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 }

@@ -80,8 +80,8 @@ fn host_ok(host: &str) -> bool {
 }
 
 fn host_port_ok(hp: &str, port_required: bool) -> bool {
-    if hp.parse::<SocketAddr>().is_ok() {
-        return true;
+    if let Ok(sa) = hp.parse::<SocketAddr>() {
+        return sa.port() != 0;
     }
     match hp.rsplit_once(':') {
         // A bare IPv6 address without brackets has several colons; refuse it.
