@@ -151,7 +151,7 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
-    fn new(endpoint: &str, token: &str) -> Result<ConnFuture, ClientError> {
+    fn settings(endpoint: &str, token: &str) -> Result<ConnFuture, ClientError> {
         let bearer = Bearer(
             format!("Bearer {token}")
                 .parse::<MetadataValue<Ascii>>()
@@ -249,7 +249,7 @@ impl AdminClient {
     /// Connects now; `endpoint` as for [`CoordinatorClient::connect`].
     pub async fn connect(endpoint: &str, admin_token: &str) -> Result<Self, ClientError> {
         Ok(Self {
-            conn: Conn::new(endpoint, admin_token)?.connect().await?,
+            conn: Conn::settings(endpoint, admin_token)?.connect().await?,
         })
     }
 
@@ -325,7 +325,7 @@ impl CoordinatorClient {
         token: &str,
     ) -> Result<Self, ClientError> {
         Ok(Self {
-            conn: Conn::new(endpoint, token)?.connect().await?,
+            conn: Conn::settings(endpoint, token)?.connect().await?,
             tenant: tenant.into(),
         })
     }
@@ -339,7 +339,7 @@ impl CoordinatorClient {
         token: &str,
     ) -> Result<Self, ClientError> {
         Ok(Self {
-            conn: Conn::new(endpoint, token)?.lazy(),
+            conn: Conn::settings(endpoint, token)?.lazy(),
             tenant: tenant.into(),
         })
     }

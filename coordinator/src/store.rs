@@ -185,7 +185,9 @@ impl Store {
     /// Reads every tree back, nodes in position order. Trees with a meta record but no
     /// nodes come back empty (they keep their epoch).
     pub fn load(&self) -> Result<Vec<LoadedTree>, StoreError> {
-        let mut trees: BTreeMap<TreeKey, (u64, Vec<(u64, String, String)>)> = BTreeMap::new();
+        // key -> (epoch, [(position, node_id, addr)])
+        type Partial = (u64, Vec<(u64, String, String)>);
+        let mut trees: BTreeMap<TreeKey, Partial> = BTreeMap::new();
         for item in self.db.scan_prefix(b"m\0") {
             let (k, v) = item?;
             let parts = split_key(&k, 2)?;
