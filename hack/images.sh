@@ -232,14 +232,22 @@ chroot_run() {
     cp -L /etc/resolv.conf "$root/etc/resolv.conf" || exit 1
     printf '#!/bin/sh\nexit 101\n' >"$root/usr/sbin/policy-rc.d" || exit 1
     chmod 0755 "$root/usr/sbin/policy-rc.d" || exit 1
-    exec chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LC_ALL=C.UTF-8 \
+    # not `exec`: the EXIT trap must run to unmount /proc and /dev before anything packs ROOT
+    chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LC_ALL=C.UTF-8 \
       DEBIAN_FRONTEND=noninteractive SOURCE_DATE_EPOCH="$SOURCE_DATE_EPOCH" "$@"
   )
 }
 
+# assert_no_mounts DIR: dies if anything is mounted under DIR (never pack a host /proc or /dev).
+assert_no_mounts() {
+  if awk -v d="$1" 'index($2, d "/") == 1 { found = 1 } END { exit !found }' /proc/self/mounts; then
+    die "still mounted under $1: $(awk -v d="$1" 'index($2, d "/") == 1 { print $2 }' /proc/self/mounts | tr '\n' ' ')"
+  fi
+}
+
 key_realistic() {
   {
-    declare -f recipe_realistic realistic_handler chroot_run chroot_cleanup
+    declare -f recipe_realistic realistic_handler chroot_run chroot_cleanup assert_no_mounts
     key_debootstrap
     echo "${REALISTIC_PACKAGES[*]} $SOURCE_DATE_EPOCH"
   } | sha
@@ -266,10 +274,12 @@ recipe_realistic() {
     tail -n 30 "$work/apt.log" >&2
     die "apt-get in the chroot failed (log: $work/apt.log)"
   fi
+  assert_no_mounts "$bundle"
   rm -rf "$bundle/rootfs"/var/lib/apt/lists/* "$bundle/rootfs"/var/cache/apt/*.bin \
     "$bundle/rootfs"/var/cache/debconf/*-old "$bundle/rootfs"/tmp/*
   find "$bundle/rootfs/var/log" -type f -delete
   umoci repack --refresh-bundle --image "${out}:${TAG}" --history.created "$created" \
+    --mask-path /proc --mask-path /sys --mask-path /dev \
     --history.created_by "apt-get install --no-install-recommends ${REALISTIC_PACKAGES[*]}" "$bundle"
 
   log "realistic: layer 3/3 (/app)"
@@ -277,6 +287,7 @@ recipe_realistic() {
   realistic_handler >"$bundle/rootfs/app/handler.py"
   touch -d "@${SOURCE_DATE_EPOCH}" "$bundle/rootfs/app/handler.py" "$bundle/rootfs/app"
   umoci repack --image "${out}:${TAG}" --history.created "$created" \
+    --mask-path /proc --mask-path /sys --mask-path /dev \
     --history.created_by "COPY handler.py /app/" "$bundle"
 
   umoci config --image "${out}:${TAG}" --no-history --created "$created" \
