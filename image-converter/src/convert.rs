@@ -430,13 +430,19 @@ impl LayerJob {
         let result = {
             let (decoded, actual) = decompressor(&mut counted, self.compression)
                 .map_err(|e| fail(format!("reading the blob: {e}")))?;
-            let (decoded, dec_err) = Recorded::new(decoded);
+            let (mut decoded, dec_err) = Recorded::new(decoded);
             let mut out = BufWriter::with_capacity(1 << 20, file);
-            let res = faasnet_format::convert_layer(decoded, &mut out, &self.opts, &|_| {})
+            let res = faasnet_format::convert_layer(&mut decoded, &mut out, &self.opts, &|_| {})
                 .and_then(|c| {
                     out.flush()?;
                     Ok(c)
                 });
+            if res.is_err() && dec_err.lock().expect("slot").is_none() {
+                // Corrupt compressed data often decodes to garbage that the tar parser trips
+                // on before the decoder notices (at the checksum). Finish decoding so the
+                // real cause is reported.
+                let _ = std::io::copy(&mut decoded, &mut std::io::sink());
+            }
             res.map_err(|e| {
                 if let Some(n) = net_err.lock().expect("slot").clone() {
                     fail(format!("downloading: {n}"))
@@ -502,6 +508,10 @@ impl<R: std::io::Read> std::io::Read for CancellableReader<R> {
 /// Words a format error about a source layer for people.
 fn describe_format_error(e: FormatError) -> String {
     match e {
+        FormatError::NotTar(why) if why.contains("unexpected EOF") => format!(
+            "not a valid tar archive: {why} (an entry's header claims more data than the layer \
+             holds, or the layer is truncated)"
+        ),
         FormatError::NotTar(why) => format!("not a valid tar archive: {why}"),
         FormatError::BadEntry { path, reason } => format!("tar entry {path:?}: {reason}"),
         FormatError::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => format!(
