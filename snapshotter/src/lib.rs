@@ -19,6 +19,7 @@ use std::{collections::HashMap, path::Path};
 use async_trait::async_trait;
 
 pub mod config;
+pub mod lazy;
 pub mod metadata;
 pub mod metrics;
 pub mod service;

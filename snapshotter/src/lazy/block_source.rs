@@ -1,0 +1,330 @@
+//! Where blocks come from: the [`BlockSource`] trait (registry and peer), the node's upstream
+//! in the function tree ([`UpstreamProvider`]) and the [`FetchChain`] that orders them.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use faasnet_format::BlockEntry;
+use tracing::{debug, warn, Instrument};
+
+use super::{
+    metrics::LazyMetrics, peer_source::PeerSource, registry_source::RegistrySource, LayerRef,
+    LazyError, Result, Source,
+};
+
+/// A remote source of stored blocks (LZ4 frames exactly as in the blob).
+///
+/// Implementations return the bytes they received; checking them against the TOC digest is
+/// the [`FetchChain`]'s job, so that no source can bypass it.
+#[async_trait]
+pub trait BlockSource: Send + Sync {
+    /// Fetches the stored frame of block `index` of `layer`, described by `entry`.
+    async fn fetch(&self, layer: &LayerRef, index: usize, entry: &BlockEntry) -> Result<Bytes>;
+}
+
+/// Where this node gets a function's blocks from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Upstream {
+    /// This node is the root of the function tree (or there is no tree): the registry.
+    Root,
+    /// The parent node's peer server.
+    Peer {
+        /// Its address.
+        addr: SocketAddr,
+        /// Tree epoch in which this parent was assigned; changes whenever the tree does.
+        epoch: u64,
+    },
+}
+
+/// The current upstream of one function tree, as the control plane says.
+pub trait UpstreamProvider: Send + Sync {
+    /// The upstream to use now.
+    fn current(&self) -> Upstream;
+    /// Tells the control plane that `peer` failed (unreachable, stalled, or served corrupt
+    /// data), so that it can assign another parent.
+    fn report_failure(&self, peer: SocketAddr);
+}
+
+/// A fixed upstream: the root (on-demand loading from the registry, no tree) or a fixed peer.
+#[derive(Debug)]
+pub struct StaticUpstream {
+    upstream: Upstream,
+    failures: AtomicU64,
+}
+
+impl StaticUpstream {
+    /// Always the registry.
+    pub fn root() -> Arc<Self> {
+        Arc::new(StaticUpstream {
+            upstream: Upstream::Root,
+            failures: AtomicU64::new(0),
+        })
+    }
+
+    /// Always `addr` (with the registry as fallback).
+    pub fn peer(addr: SocketAddr) -> Arc<Self> {
+        Arc::new(StaticUpstream {
+            upstream: Upstream::Peer { addr, epoch: 0 },
+            failures: AtomicU64::new(0),
+        })
+    }
+
+    /// How many failures were reported.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+}
+
+impl UpstreamProvider for StaticUpstream {
+    fn current(&self) -> Upstream {
+        self.upstream
+    }
+
+    fn report_failure(&self, peer: SocketAddr) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        debug!(%peer, "static upstream: failure reported (no coordinator to ask)");
+    }
+}
+
+/// Timeouts of the [`FetchChain`].
+#[derive(Clone, Debug)]
+pub struct ChainOptions {
+    /// A peer that makes no progress for this long is given up for the block.
+    pub stall_timeout: Duration,
+    /// Whole-request timeout of a registry fetch.
+    pub fetch_timeout: Duration,
+    /// How long a peer that served corrupt data is skipped.
+    pub avoid_corrupt_peer_for: Duration,
+}
+
+impl Default for ChainOptions {
+    fn default() -> Self {
+        ChainOptions {
+            stall_timeout: Duration::from_secs(2),
+            fetch_timeout: Duration::from_secs(10),
+            avoid_corrupt_peer_for: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Checks stored bytes against the block table entry.
+pub fn verify_block(
+    layer: &LayerRef,
+    index: usize,
+    entry: &BlockEntry,
+    stored: &[u8],
+    source: Source,
+) -> Result<()> {
+    let actual = faasnet_format::sha256_digest(stored);
+    if stored.len() as u64 != entry.stored_len || actual != entry.digest {
+        return Err(LazyError::DigestMismatch {
+            layer: layer.digest.clone(),
+            index,
+            source_name: source.as_str(),
+            expected: entry.digest.clone(),
+            actual: if stored.len() as u64 != entry.stored_len {
+                format!(
+                    "{actual} ({} bytes, expected {})",
+                    stored.len(),
+                    entry.stored_len
+                )
+            } else {
+                actual
+            },
+        });
+    }
+    Ok(())
+}
+
+/// Fetches blocks of one function's layers in order: the upstream peer (if any), then the
+/// registry. The local cache comes before both; it is the block store's.
+///
+/// Every block is checked against its TOC digest here. When the peer fails, stalls or
+/// serves a block that does not match, the block is fetched from the registry instead, the
+/// fallback is counted and the [`UpstreamProvider`] is told, so it can ask for another
+/// parent; a peer that served corrupt data is skipped for a while.
+pub struct FetchChain {
+    registry: Arc<RegistrySource>,
+    upstream: Arc<dyn UpstreamProvider>,
+    options: ChainOptions,
+    metrics: Arc<LazyMetrics>,
+    /// One connection pool per peer address.
+    peers: Mutex<HashMap<SocketAddr, Arc<PeerSource>>>,
+    /// Peers that served corrupt data, until when they are skipped.
+    avoided: Mutex<HashMap<SocketAddr, Instant>>,
+}
+
+impl FetchChain {
+    /// A chain over `registry` with the upstream `upstream`.
+    pub fn new(
+        registry: Arc<RegistrySource>,
+        upstream: Arc<dyn UpstreamProvider>,
+        options: ChainOptions,
+        metrics: Arc<LazyMetrics>,
+    ) -> Self {
+        FetchChain {
+            registry,
+            upstream,
+            options,
+            metrics,
+            peers: Mutex::new(HashMap::new()),
+            avoided: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The registry source (for the TOC and coalesced prefetch).
+    pub fn registry(&self) -> &Arc<RegistrySource> {
+        &self.registry
+    }
+
+    /// The upstream provider.
+    pub fn upstream(&self) -> &Arc<dyn UpstreamProvider> {
+        &self.upstream
+    }
+
+    /// The peer to ask now, if any and not avoided.
+    pub fn current_peer(&self) -> Option<SocketAddr> {
+        match self.upstream.current() {
+            Upstream::Root => None,
+            Upstream::Peer { addr, .. } => {
+                let mut avoided = self.avoided.lock().unwrap();
+                match avoided.get(&addr) {
+                    Some(until) if Instant::now() < *until => None,
+                    Some(_) => {
+                        avoided.remove(&addr);
+                        Some(addr)
+                    }
+                    None => Some(addr),
+                }
+            }
+        }
+    }
+
+    fn peer_source(&self, addr: SocketAddr) -> Arc<PeerSource> {
+        self.peers
+            .lock()
+            .unwrap()
+            .entry(addr)
+            .or_insert_with(|| Arc::new(PeerSource::new(addr, self.options.stall_timeout)))
+            .clone()
+    }
+
+    /// Fetches and verifies block `index`; returns its stored bytes and where they came from.
+    pub async fn fetch(
+        &self,
+        layer: &LayerRef,
+        index: usize,
+        entry: &BlockEntry,
+    ) -> Result<(Bytes, Source)> {
+        let span = tracing::debug_span!("fetch_block", layer = %layer.digest, index);
+        async move {
+            let wanted_peer = matches!(self.upstream.current(), Upstream::Peer { .. });
+            if let Some(addr) = self.current_peer() {
+                match self.fetch_from_peer(addr, layer, index, entry).await {
+                    Ok(b) => return Ok((b, Source::Peer)),
+                    Err(e) => {
+                        warn!(%addr, error = %e, "peer fetch failed; falling back to the registry");
+                        if matches!(e, LazyError::DigestMismatch { .. }) {
+                            self.metrics.digest_failures.inc();
+                            self.avoided
+                                .lock()
+                                .unwrap()
+                                .insert(addr, Instant::now() + self.options.avoid_corrupt_peer_for);
+                        }
+                        // Stale pooled connections to a failed peer are of no use.
+                        self.peers.lock().unwrap().remove(&addr);
+                        self.upstream.report_failure(addr);
+                    }
+                }
+            }
+            if wanted_peer {
+                self.metrics.peer_fallbacks.inc();
+            }
+            let b = self.fetch_from_registry(layer, index, entry).await?;
+            Ok((b, Source::Registry))
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn fetch_from_peer(
+        &self,
+        addr: SocketAddr,
+        layer: &LayerRef,
+        index: usize,
+        entry: &BlockEntry,
+    ) -> Result<Bytes> {
+        let start = Instant::now();
+        let b = self.peer_source(addr).fetch(layer, index, entry).await?;
+        verify_block(layer, index, entry, &b, Source::Peer)?;
+        self.metrics
+            .fetch_latency(Source::Peer, start.elapsed().as_secs_f64());
+        Ok(b)
+    }
+
+    async fn fetch_from_registry(
+        &self,
+        layer: &LayerRef,
+        index: usize,
+        entry: &BlockEntry,
+    ) -> Result<Bytes> {
+        let start = Instant::now();
+        let timeout_ms = self.options.fetch_timeout.as_millis() as u64;
+        let b = tokio::time::timeout(
+            self.options.fetch_timeout,
+            self.registry.fetch(layer, index, entry),
+        )
+        .await
+        .map_err(|_| LazyError::Timeout {
+            what: format!("{layer} block {index} from the registry"),
+            timeout_ms,
+        })??;
+        if let Err(e) = verify_block(layer, index, entry, &b, Source::Registry) {
+            self.metrics.digest_failures.inc();
+            return Err(e);
+        }
+        self.metrics
+            .fetch_latency(Source::Registry, start.elapsed().as_secs_f64());
+        Ok(b)
+    }
+
+    /// Fetches blocks `first..first + entries.len()` from the registry in one range request
+    /// (prefetch at the root), verifying each.
+    pub async fn fetch_run_from_registry(
+        &self,
+        layer: &LayerRef,
+        first: usize,
+        entries: &[BlockEntry],
+    ) -> Result<Vec<Bytes>> {
+        let start = Instant::now();
+        let timeout = self.options.fetch_timeout * (entries.len() as u32).max(1);
+        let blocks =
+            tokio::time::timeout(timeout, self.registry.fetch_blocks(layer, first, entries))
+                .await
+                .map_err(|_| LazyError::Timeout {
+                    what: format!(
+                        "{layer} blocks {first}..{} from the registry",
+                        first + entries.len()
+                    ),
+                    timeout_ms: timeout.as_millis() as u64,
+                })??;
+        for (i, (b, entry)) in blocks.iter().zip(entries).enumerate() {
+            if let Err(e) = verify_block(layer, first + i, entry, b, Source::Registry) {
+                self.metrics.digest_failures.inc();
+                return Err(e);
+            }
+        }
+        self.metrics
+            .fetch_latency(Source::Registry, start.elapsed().as_secs_f64());
+        Ok(blocks)
+    }
+}

@@ -1,0 +1,520 @@
+//! One layer's blocks as the rest of the lazy path sees them: decompressed for reads (FUSE),
+//! stored for children (peer server), fetched at most once however many ask at the same time.
+//!
+//! Lookup order: in-memory LRU of decompressed blocks ([`MemCache`], shared by all layers) ->
+//! blocks just fetched and being written to disk -> the disk cache -> a fetch in flight ->
+//! a new fetch through the [`FetchChain`]. Fetches run in their own tasks, so a reader that
+//! gives up (a child that disconnects) does not cancel them for the others.
+
+use std::{
+    collections::HashMap,
+    io::Read,
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+};
+
+use bytes::Bytes;
+use faasnet_format::{BlockEntry, Toc};
+use futures::{
+    future::{BoxFuture, Shared},
+    FutureExt,
+};
+use tokio::sync::oneshot;
+use tracing::{debug, warn};
+
+use super::{
+    block_cache::LayerCache,
+    block_source::{verify_block, FetchChain},
+    metrics::LazyMetrics,
+    LayerRef, LazyError, Result, Source,
+};
+
+/// Why a block is wanted: on-demand fetches go before prefetch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    /// A read by a container (FUSE) or a child node: someone waits.
+    OnDemand,
+    /// Background prefetch.
+    Prefetch,
+}
+
+type FetchResult = std::result::Result<Bytes, Arc<LazyError>>;
+type Flight = Shared<BoxFuture<'static, FetchResult>>;
+
+/// Counts on-demand fetches in flight across all layers; prefetch waits while any run.
+#[derive(Debug, Default)]
+pub struct FetchGate {
+    on_demand: AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+impl FetchGate {
+    /// Waits until no on-demand fetch is in flight.
+    pub async fn wait_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.on_demand.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn enter(self: &Arc<Self>) -> GateGuard {
+        self.on_demand.fetch_add(1, Ordering::AcqRel);
+        GateGuard(self.clone())
+    }
+}
+
+struct GateGuard(Arc<FetchGate>);
+
+impl Drop for GateGuard {
+    fn drop(&mut self) {
+        if self.0.on_demand.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// A small LRU of decompressed blocks, shared by all layers, bounded in bytes.
+pub struct MemCache {
+    capacity: usize,
+    inner: Mutex<MemInner>,
+}
+
+/// (layer id, block index) -> (decompressed bytes, last-use tick).
+type MemMap = HashMap<(u64, usize), (Arc<Vec<u8>>, u64)>;
+
+#[derive(Default)]
+struct MemInner {
+    map: MemMap,
+    used: usize,
+    tick: u64,
+}
+
+impl MemCache {
+    /// A cache of at most `capacity` bytes.
+    pub fn new(capacity: usize) -> Arc<Self> {
+        Arc::new(MemCache {
+            capacity,
+            inner: Mutex::new(MemInner::default()),
+        })
+    }
+
+    fn get(&self, key: (u64, usize)) -> Option<Arc<Vec<u8>>> {
+        let mut g = self.inner.lock().unwrap();
+        g.tick += 1;
+        let tick = g.tick;
+        g.map.get_mut(&key).map(|(v, t)| {
+            *t = tick;
+            v.clone()
+        })
+    }
+
+    fn insert(&self, key: (u64, usize), value: Arc<Vec<u8>>) {
+        if value.len() > self.capacity {
+            return;
+        }
+        let mut g = self.inner.lock().unwrap();
+        g.tick += 1;
+        let tick = g.tick;
+        g.used += value.len();
+        if let Some((old, _)) = g.map.insert(key, (value, tick)) {
+            g.used -= old.len();
+        }
+        // Few entries (capacity / block size): a linear scan for the oldest is cheap.
+        while g.used > self.capacity {
+            let Some(oldest) = g.map.iter().min_by_key(|(_, (_, t))| *t).map(|(k, _)| *k) else {
+                break;
+            };
+            if let Some((v, _)) = g.map.remove(&oldest) {
+                g.used -= v.len();
+            }
+        }
+    }
+
+    fn remove_layer(&self, layer_id: u64) {
+        let mut g = self.inner.lock().unwrap();
+        let keys: Vec<_> = g.map.keys().filter(|k| k.0 == layer_id).copied().collect();
+        for k in keys {
+            if let Some((v, _)) = g.map.remove(&k) {
+                g.used -= v.len();
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Flights {
+    in_flight: HashMap<usize, Flight>,
+    /// Fetched and verified, being written to disk: served from here meanwhile.
+    unpersisted: HashMap<usize, Bytes>,
+}
+
+/// Order in which blocks were first read on demand (for prefetch on a later run).
+#[derive(Default)]
+struct AccessOrder {
+    seen: Vec<bool>,
+    order: Vec<u32>,
+}
+
+static NEXT_LAYER_ID: AtomicU64 = AtomicU64::new(1);
+
+/// The blocks of one layer.
+pub struct BlockStore {
+    id: u64,
+    layer: LayerRef,
+    toc: Arc<Toc>,
+    disk: Arc<LayerCache>,
+    chain: Arc<FetchChain>,
+    mem: Arc<MemCache>,
+    gate: Arc<FetchGate>,
+    metrics: Arc<LazyMetrics>,
+    flights: Mutex<Flights>,
+    access: Mutex<AccessOrder>,
+}
+
+impl BlockStore {
+    /// The store of `layer` with table of contents `toc`, cached in `disk`, fetched through
+    /// `chain`.
+    pub fn new(
+        layer: LayerRef,
+        toc: Arc<Toc>,
+        disk: Arc<LayerCache>,
+        chain: Arc<FetchChain>,
+        mem: Arc<MemCache>,
+        gate: Arc<FetchGate>,
+        metrics: Arc<LazyMetrics>,
+    ) -> Arc<Self> {
+        let n = toc.blocks.len();
+        Arc::new(BlockStore {
+            id: NEXT_LAYER_ID.fetch_add(1, Ordering::Relaxed),
+            layer,
+            toc,
+            disk,
+            chain,
+            mem,
+            gate,
+            metrics,
+            flights: Mutex::new(Flights::default()),
+            access: Mutex::new(AccessOrder {
+                seen: vec![false; n],
+                order: Vec::new(),
+            }),
+        })
+    }
+
+    /// The layer.
+    pub fn layer(&self) -> &LayerRef {
+        &self.layer
+    }
+
+    /// Its table of contents.
+    pub fn toc(&self) -> &Arc<Toc> {
+        &self.toc
+    }
+
+    /// Its fetch chain.
+    pub fn chain(&self) -> &Arc<FetchChain> {
+        &self.chain
+    }
+
+    /// The fetch gate shared with prefetch.
+    pub fn gate(&self) -> &Arc<FetchGate> {
+        &self.gate
+    }
+
+    /// Number of blocks.
+    pub fn block_count(&self) -> usize {
+        self.toc.blocks.len()
+    }
+
+    /// Whether block `index` is held locally (disk or about to be).
+    pub fn has_block(&self, index: usize) -> bool {
+        self.flights
+            .lock()
+            .unwrap()
+            .unpersisted
+            .contains_key(&index)
+            || self.disk.has(index)
+    }
+
+    /// Whether block `index` is being fetched now.
+    pub fn is_in_flight(&self, index: usize) -> bool {
+        self.flights.lock().unwrap().in_flight.contains_key(&index)
+    }
+
+    /// Number of blocks on disk.
+    pub fn cached_blocks(&self) -> usize {
+        self.disk.present_count()
+    }
+
+    fn entry(&self, index: usize) -> Result<&BlockEntry> {
+        self.toc
+            .blocks
+            .get(index)
+            .ok_or_else(|| LazyError::BlockOutOfRange {
+                layer: self.layer.digest.clone(),
+                index,
+                count: self.toc.blocks.len(),
+            })
+    }
+
+    /// The stored (compressed, verified) bytes of block `index`: what children are served.
+    pub async fn stored_block(self: &Arc<Self>, index: usize, purpose: Purpose) -> Result<Bytes> {
+        let entry = self.entry(index)?.clone();
+        let flight = {
+            let mut f = self.flights.lock().unwrap();
+            if let Some(b) = f.unpersisted.get(&index) {
+                self.metrics.obtained(Source::Cache, b.len() as u64);
+                return Ok(b.clone());
+            }
+            match f.in_flight.get(&index) {
+                Some(flight) => Some(flight.clone()),
+                None if self.disk.has(index) => None,
+                None => Some(self.start_fetch(&mut f, index, entry.clone(), purpose)),
+            }
+        };
+        if let Some(flight) = flight {
+            return flight.await.map_err(LazyError::Shared);
+        }
+        match self.read_disk(index, &entry).await {
+            Ok(Some(b)) => {
+                self.metrics.obtained(Source::Cache, b.len() as u64);
+                Ok(b)
+            }
+            // Gone or corrupt on disk: fetch it again.
+            Ok(None) | Err(_) => {
+                let flight = {
+                    let mut f = self.flights.lock().unwrap();
+                    match f.in_flight.get(&index) {
+                        Some(flight) => flight.clone(),
+                        None => self.start_fetch(&mut f, index, entry, purpose),
+                    }
+                };
+                flight.await.map_err(LazyError::Shared)
+            }
+        }
+    }
+
+    /// Reads and verifies block `index` from disk; a corrupt block is invalidated.
+    async fn read_disk(&self, index: usize, entry: &BlockEntry) -> Result<Option<Bytes>> {
+        let disk = self.disk.clone();
+        let layer = self.layer.clone();
+        let entry = entry.clone();
+        let metrics = self.metrics.clone();
+        tokio::task::spawn_blocking(move || {
+            let Some(b) = disk.get(index)? else {
+                return Ok(None);
+            };
+            if let Err(e) = verify_block(&layer, index, &entry, &b, Source::Cache) {
+                metrics.digest_failures.inc();
+                warn!(error = %e, "corrupt block in the disk cache; fetching it again");
+                disk.invalidate(index)?;
+                return Ok(None);
+            }
+            Ok(Some(Bytes::from(b)))
+        })
+        .await
+        .map_err(|e| LazyError::io("disk cache read task", std::io::Error::other(e)))?
+    }
+
+    /// Starts a fetch of block `index` in its own task and records it as in flight.
+    fn start_fetch(
+        self: &Arc<Self>,
+        flights: &mut Flights,
+        index: usize,
+        entry: BlockEntry,
+        purpose: Purpose,
+    ) -> Flight {
+        let (tx, rx) = oneshot::channel::<FetchResult>();
+        let flight = Self::flight_from(rx);
+        flights.in_flight.insert(index, flight.clone());
+        let me = self.clone();
+        let guard = (purpose == Purpose::OnDemand).then(|| self.gate.enter());
+        tokio::spawn(async move {
+            let result = me.chain.fetch(&me.layer, index, &entry).await;
+            drop(guard);
+            let result = match result {
+                Ok((bytes, source)) => {
+                    me.metrics.obtained(source, bytes.len() as u64);
+                    if purpose == Purpose::Prefetch {
+                        me.metrics.prefetched_blocks.inc();
+                    }
+                    me.landed(index, bytes.clone());
+                    Ok(bytes)
+                }
+                Err(e) => {
+                    me.flights.lock().unwrap().in_flight.remove(&index);
+                    Err(Arc::new(e))
+                }
+            };
+            let _ = tx.send(result);
+        });
+        flight
+    }
+
+    fn flight_from(rx: oneshot::Receiver<FetchResult>) -> Flight {
+        async move {
+            rx.await.unwrap_or_else(|_| {
+                Err(Arc::new(LazyError::InvalidInput(
+                    "block fetch task ended without a result".into(),
+                )))
+            })
+        }
+        .boxed()
+        .shared()
+    }
+
+    /// A block arrived: serve it from memory, persist it in the background, then forget it.
+    fn landed(self: &Arc<Self>, index: usize, bytes: Bytes) {
+        {
+            let mut f = self.flights.lock().unwrap();
+            f.in_flight.remove(&index);
+            f.unpersisted.insert(index, bytes.clone());
+        }
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = me.disk.put(index, &bytes) {
+                warn!(layer = %me.layer.digest, index, error = %e, "cannot write block to the disk cache");
+            }
+            me.flights.lock().unwrap().unpersisted.remove(&index);
+        });
+    }
+
+    /// Prefetch at the root: fetches up to `max` consecutive missing blocks from `start` in
+    /// one registry range request. Returns how many blocks it fetched (0 when `start` is
+    /// already present or in flight).
+    pub async fn prefetch_run(self: &Arc<Self>, start: usize, max: usize) -> Result<usize> {
+        let mut claimed = Vec::new();
+        {
+            let mut f = self.flights.lock().unwrap();
+            let mut i = start;
+            while i < self.toc.blocks.len()
+                && claimed.len() < max
+                && !f.in_flight.contains_key(&i)
+                && !f.unpersisted.contains_key(&i)
+                && !self.disk.has(i)
+            {
+                let (tx, rx) = oneshot::channel::<FetchResult>();
+                f.in_flight.insert(i, Self::flight_from(rx));
+                claimed.push(tx);
+                i += 1;
+            }
+        }
+        if claimed.is_empty() {
+            return Ok(0);
+        }
+        let n = claimed.len();
+        let entries = self.toc.blocks[start..start + n].to_vec();
+        let me = self.clone();
+        let (done_tx, done_rx) = oneshot::channel();
+        tokio::spawn(async move {
+            let result = me
+                .chain
+                .fetch_run_from_registry(&me.layer, start, &entries)
+                .await;
+            let outcome = match result {
+                Ok(blocks) => {
+                    for (k, (tx, b)) in claimed.into_iter().zip(blocks).enumerate() {
+                        me.metrics.obtained(Source::Registry, b.len() as u64);
+                        me.metrics.prefetched_blocks.inc();
+                        me.landed(start + k, b.clone());
+                        let _ = tx.send(Ok(b));
+                    }
+                    Ok(n)
+                }
+                Err(e) => {
+                    debug!(error = %e, start, n, "prefetch run failed");
+                    let e = Arc::new(e);
+                    let mut f = me.flights.lock().unwrap();
+                    for (k, tx) in claimed.into_iter().enumerate() {
+                        f.in_flight.remove(&(start + k));
+                        let _ = tx.send(Err(e.clone()));
+                    }
+                    Err(LazyError::Shared(e))
+                }
+            };
+            let _ = done_tx.send(outcome);
+        });
+        done_rx.await.unwrap_or(Ok(0))
+    }
+
+    /// The decompressed bytes of block `index`.
+    pub async fn raw_block(self: &Arc<Self>, index: usize) -> Result<Arc<Vec<u8>>> {
+        if let Some(raw) = self.mem.get((self.id, index)) {
+            return Ok(raw);
+        }
+        let stored = self.stored_block(index, Purpose::OnDemand).await?;
+        let entry = self.entry(index)?;
+        // Verified already (by the chain or on disk read): decompress only.
+        let raw = Arc::new(decompress(&stored, entry.raw_len).map_err(|e| {
+            LazyError::format(
+                &self.layer,
+                faasnet_format::FormatError::BadBlock { index, reason: e },
+            )
+        })?);
+        self.mem.insert((self.id, index), raw.clone());
+        Ok(raw)
+    }
+
+    /// Reads `len` bytes of the layer's tar stream at `offset` (a file's data), fetching the
+    /// blocks it spans concurrently.
+    pub async fn read_at(self: &Arc<Self>, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let len = len.min(self.toc.tar_size.saturating_sub(offset) as usize);
+        let range = self.toc.blocks_for_range(offset, len as u64);
+        self.record_access(range.clone());
+        let blocks =
+            futures::future::try_join_all(range.clone().map(|i| self.raw_block(i))).await?;
+        let bs = self.toc.block_size as u64;
+        let mut out = Vec::with_capacity(len);
+        for (i, raw) in range.zip(blocks) {
+            let block_start = i as u64 * bs;
+            let from = offset.max(block_start) - block_start;
+            let to = (offset + len as u64).min(block_start + raw.len() as u64) - block_start;
+            out.extend_from_slice(&raw[from as usize..to as usize]);
+        }
+        Ok(out)
+    }
+
+    fn record_access(&self, range: std::ops::Range<usize>) {
+        let mut a = self.access.lock().unwrap();
+        for i in range {
+            if let Some(seen) = a.seen.get_mut(i) {
+                if !*seen {
+                    *seen = true;
+                    a.order.push(i as u32);
+                }
+            }
+        }
+    }
+
+    /// Blocks read on demand so far, in the order they were first read.
+    pub fn access_order(&self) -> Vec<u32> {
+        self.access.lock().unwrap().order.clone()
+    }
+}
+
+impl Drop for BlockStore {
+    fn drop(&mut self) {
+        self.mem.remove_layer(self.id);
+    }
+}
+
+/// Decompresses one verified LZ4 frame that must decode to exactly `raw_len` bytes.
+fn decompress(stored: &[u8], raw_len: u32) -> std::result::Result<Vec<u8>, String> {
+    let mut out = Vec::with_capacity(raw_len as usize);
+    lz4_flex::frame::FrameDecoder::new(stored)
+        .take(raw_len as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| format!("bad LZ4 frame: {e}"))?;
+    if out.len() != raw_len as usize {
+        return Err(format!(
+            "decodes to {} bytes, block table says {raw_len}",
+            out.len()
+        ));
+    }
+    Ok(out)
+}

@@ -1,0 +1,291 @@
+//! The peer protocol: how a node asks its upstream peer for one block of a layer.
+//!
+//! One TCP connection carries any number of request/response exchanges, one at a time.
+//! All integers are little-endian.
+//!
+//! ```text
+//! request:  "FNBQ" | version u8 (1) | op u8 (1 = get block) | digest_len u16 | digest | index u32
+//! response: "FNBR" | version u8 (1) | status u8 | length u32 | payload (length bytes)
+//! ```
+//!
+//! A response with status [`Status::KeepAlive`] (length 0) says "still fetching that block
+//! from my own upstream": the peer sends one every [`KEEPALIVE_INTERVAL_MS`] so that the
+//! requester's stall timeout measures real lack of progress, not the depth of the tree.
+//! With [`Status::Ok`] the payload is the block's stored LZ4 frame; with an error status it is
+//! a UTF-8 message.
+//!
+//! The decoders here are pure functions on byte buffers: they never panic and never allocate
+//! more than [`MAX_PAYLOAD`] (plus a bounded digest), whatever the input. They are meant for a
+//! fuzz target.
+
+/// Magic of a request.
+pub const REQUEST_MAGIC: &[u8; 4] = b"FNBQ";
+/// Magic of a response.
+pub const RESPONSE_MAGIC: &[u8; 4] = b"FNBR";
+/// Protocol version.
+pub const VERSION: u8 = 1;
+/// Operation: get one block.
+pub const OP_GET_BLOCK: u8 = 1;
+/// Largest digest string accepted in a request.
+pub const MAX_DIGEST_LEN: usize = 128;
+/// Largest payload accepted: the largest stored block (4 MiB of raw data plus LZ4's worst
+/// case growth) with some slack.
+pub const MAX_PAYLOAD: u32 = 4 * 1024 * 1024 + 64 * 1024;
+/// Fixed part of a request before the digest.
+pub const REQUEST_HEADER_LEN: usize = 8;
+/// Length of a response header.
+pub const RESPONSE_HEADER_LEN: usize = 10;
+/// How often a peer that is still fetching a block says so.
+pub const KEEPALIVE_INTERVAL_MS: u64 = 500;
+
+/// A malformed message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ProtocolError(pub String);
+
+fn err<T>(msg: impl Into<String>) -> Result<T, ProtocolError> {
+    Err(ProtocolError(msg.into()))
+}
+
+/// A request for block `index` of the layer whose blob digest is `digest`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockRequest {
+    /// `sha256:<hex>` of the layer blob.
+    pub digest: String,
+    /// Block index in the layer's block table.
+    pub index: u32,
+}
+
+/// Status of a response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Status {
+    /// The payload is the stored block.
+    Ok = 0,
+    /// Still working on it; another response follows.
+    KeepAlive = 1,
+    /// This node does not serve that layer.
+    UnknownLayer = 2,
+    /// The index is past the layer's last block.
+    BadIndex = 3,
+    /// The node could not get the block (its own sources failed).
+    Unavailable = 4,
+    /// The request was malformed.
+    BadRequest = 5,
+}
+
+impl Status {
+    /// The status for a wire byte, if known.
+    pub fn from_u8(b: u8) -> Option<Status> {
+        Some(match b {
+            0 => Status::Ok,
+            1 => Status::KeepAlive,
+            2 => Status::UnknownLayer,
+            3 => Status::BadIndex,
+            4 => Status::Unavailable,
+            5 => Status::BadRequest,
+            _ => return None,
+        })
+    }
+}
+
+/// Header of a response: what follows and how long it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResponseHeader {
+    /// Status.
+    pub status: Status,
+    /// Payload length (at most [`MAX_PAYLOAD`]).
+    pub length: u32,
+}
+
+/// Serializes a request.
+pub fn encode_request(req: &BlockRequest) -> Vec<u8> {
+    let digest = req.digest.as_bytes();
+    let mut v = Vec::with_capacity(REQUEST_HEADER_LEN + digest.len() + 4);
+    v.extend_from_slice(REQUEST_MAGIC);
+    v.push(VERSION);
+    v.push(OP_GET_BLOCK);
+    v.extend_from_slice(&(digest.len() as u16).to_le_bytes());
+    v.extend_from_slice(digest);
+    v.extend_from_slice(&req.index.to_le_bytes());
+    v
+}
+
+/// Checks the fixed request header and returns how many more bytes (digest + index) follow.
+pub fn decode_request_header(buf: &[u8]) -> Result<usize, ProtocolError> {
+    if buf.len() < REQUEST_HEADER_LEN {
+        return err("request header is truncated");
+    }
+    if &buf[0..4] != REQUEST_MAGIC {
+        return err("bad request magic");
+    }
+    if buf[4] != VERSION {
+        return err(format!("unsupported protocol version {}", buf[4]));
+    }
+    if buf[5] != OP_GET_BLOCK {
+        return err(format!("unknown operation {}", buf[5]));
+    }
+    let len = u16::from_le_bytes([buf[6], buf[7]]) as usize;
+    if len == 0 || len > MAX_DIGEST_LEN {
+        return err(format!("digest length {len} out of range"));
+    }
+    Ok(len + 4)
+}
+
+/// Decodes a request from the start of `buf`: `Ok(None)` when more bytes are needed, else the
+/// request and the number of bytes it took.
+pub fn decode_request(buf: &[u8]) -> Result<Option<(BlockRequest, usize)>, ProtocolError> {
+    if buf.len() < REQUEST_HEADER_LEN {
+        // Reject garbage early, without waiting for a whole header.
+        let n = buf.len().min(4);
+        if buf[..n] != REQUEST_MAGIC[..n] {
+            return err("bad request magic");
+        }
+        return Ok(None);
+    }
+    let rest = decode_request_header(buf)?;
+    let total = REQUEST_HEADER_LEN + rest;
+    if buf.len() < total {
+        return Ok(None);
+    }
+    let body = &buf[REQUEST_HEADER_LEN..total];
+    let (digest, index) = body.split_at(rest - 4);
+    let digest = match std::str::from_utf8(digest) {
+        Ok(d) => d.to_string(),
+        Err(_) => return err("digest is not UTF-8"),
+    };
+    let index = u32::from_le_bytes([index[0], index[1], index[2], index[3]]);
+    Ok(Some((BlockRequest { digest, index }, total)))
+}
+
+/// Serializes a response header.
+pub fn encode_response_header(status: Status, length: u32) -> [u8; RESPONSE_HEADER_LEN] {
+    let mut h = [0u8; RESPONSE_HEADER_LEN];
+    h[0..4].copy_from_slice(RESPONSE_MAGIC);
+    h[4] = VERSION;
+    h[5] = status as u8;
+    h[6..10].copy_from_slice(&length.to_le_bytes());
+    h
+}
+
+/// Serializes a whole response.
+pub fn encode_response(status: Status, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(RESPONSE_HEADER_LEN + payload.len());
+    v.extend_from_slice(&encode_response_header(status, payload.len() as u32));
+    v.extend_from_slice(payload);
+    v
+}
+
+/// Decodes a response header (exactly the first [`RESPONSE_HEADER_LEN`] bytes of `buf`).
+pub fn decode_response_header(buf: &[u8]) -> Result<ResponseHeader, ProtocolError> {
+    if buf.len() < RESPONSE_HEADER_LEN {
+        return err("response header is truncated");
+    }
+    if &buf[0..4] != RESPONSE_MAGIC {
+        return err("bad response magic");
+    }
+    if buf[4] != VERSION {
+        return err(format!("unsupported protocol version {}", buf[4]));
+    }
+    let Some(status) = Status::from_u8(buf[5]) else {
+        return err(format!("unknown status {}", buf[5]));
+    };
+    let length = u32::from_le_bytes([buf[6], buf[7], buf[8], buf[9]]);
+    if length > MAX_PAYLOAD {
+        return err(format!(
+            "payload of {length} bytes exceeds the {MAX_PAYLOAD}-byte limit"
+        ));
+    }
+    if status == Status::KeepAlive && length != 0 {
+        return err("keep-alive with a payload");
+    }
+    Ok(ResponseHeader { status, length })
+}
+
+/// A response decoded from a buffer: header, payload, bytes taken.
+pub type DecodedResponse<'a> = (ResponseHeader, &'a [u8], usize);
+
+/// Decodes one response from the start of `buf`: `Ok(None)` when more bytes are needed, else
+/// the header, the payload and the number of bytes taken.
+pub fn decode_response(buf: &[u8]) -> Result<Option<DecodedResponse<'_>>, ProtocolError> {
+    if buf.len() < RESPONSE_HEADER_LEN {
+        let n = buf.len().min(4);
+        if buf[..n] != RESPONSE_MAGIC[..n] {
+            return err("bad response magic");
+        }
+        return Ok(None);
+    }
+    let header = decode_response_header(buf)?;
+    let total = RESPONSE_HEADER_LEN + header.length as usize;
+    if buf.len() < total {
+        return Ok(None);
+    }
+    Ok(Some((header, &buf[RESPONSE_HEADER_LEN..total], total)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn request_roundtrip_and_partial() {
+        let req = BlockRequest {
+            digest: format!("sha256:{}", "ab".repeat(32)),
+            index: 77,
+        };
+        let bytes = encode_request(&req);
+        for cut in 0..bytes.len() {
+            assert_eq!(decode_request(&bytes[..cut]).unwrap(), None, "cut {cut}");
+        }
+        let mut more = bytes.clone();
+        more.extend_from_slice(b"FNBQ");
+        assert_eq!(decode_request(&more).unwrap(), Some((req, bytes.len())));
+    }
+
+    #[test]
+    fn response_roundtrip_and_limits() {
+        let bytes = encode_response(Status::Ok, b"frame");
+        let (h, payload, n) = decode_response(&bytes).unwrap().unwrap();
+        assert_eq!(
+            (h.status, payload, n),
+            (Status::Ok, &b"frame"[..], bytes.len())
+        );
+        assert_eq!(decode_response(&bytes[..12]).unwrap(), None);
+        let huge = encode_response_header(Status::Ok, MAX_PAYLOAD + 1);
+        assert!(decode_response(&huge).unwrap_err().0.contains("limit"));
+        let mut bad = bytes.clone();
+        bad[5] = 99;
+        assert!(decode_response(&bad).is_err());
+        assert!(decode_request(b"GET / HTTP/1.1\r\n").is_err());
+        assert!(decode_response(b"XX").is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode_request(&bytes);
+            let _ = decode_response(&bytes);
+            let _ = decode_response_header(&bytes);
+            let _ = decode_request_header(&bytes);
+        }
+
+        #[test]
+        fn mutated_messages_never_panic(
+            index in any::<u32>(),
+            flips in proptest::collection::vec((0usize..96, any::<u8>()), 0..6),
+        ) {
+            let mut req = encode_request(&BlockRequest { digest: "sha256:00".into(), index });
+            let mut resp = encode_response(Status::Unavailable, b"no upstream");
+            for (pos, val) in flips {
+                if let Some(b) = req.get_mut(pos) { *b = val; }
+                if let Some(b) = resp.get_mut(pos) { *b = val; }
+            }
+            if let Ok(Some((_, n))) = decode_request(&req) { prop_assert!(n <= req.len()); }
+            if let Ok(Some((h, p, n))) = decode_response(&resp) {
+                prop_assert!(n <= resp.len());
+                prop_assert_eq!(p.len(), h.length as usize);
+            }
+        }
+    }
+}

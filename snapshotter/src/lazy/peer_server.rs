@@ -1,0 +1,219 @@
+//! Serves the blocks of the layers this node has to its children in the function tree.
+//!
+//! A request for a block this node lacks is fetched once through the layer's own
+//! [`BlockStore`] (the same single flight as local reads) and answered as soon as the block
+//! is whole: the pipelining of the paper. While waiting, the server sends keep-alives so the
+//! child's stall timeout does not fire on a deep tree. Only registered layers are served.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    task::JoinSet,
+};
+use tracing::{debug, info, warn, Instrument};
+
+use super::{
+    block_store::{BlockStore, Purpose},
+    metrics::LazyMetrics,
+    peer_protocol::{self, Status, KEEPALIVE_INTERVAL_MS, REQUEST_HEADER_LEN},
+    LazyError, Result,
+};
+
+/// Idle time after which a child's connection is closed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+struct Shared {
+    layers: RwLock<HashMap<String, Arc<BlockStore>>>,
+    metrics: Arc<LazyMetrics>,
+}
+
+/// The block server of this node.
+pub struct PeerServer {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl PeerServer {
+    /// Binds `addr` and starts serving (port 0 picks a free port; see [`Self::local_addr`]).
+    pub async fn bind(addr: SocketAddr, metrics: Arc<LazyMetrics>) -> Result<PeerServer> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| LazyError::io(format!("peer server: bind {addr}"), e))?;
+        Self::start(listener, metrics)
+    }
+
+    /// Like [`Self::bind`], from synchronous code running inside a tokio runtime.
+    pub fn bind_std(addr: SocketAddr, metrics: Arc<LazyMetrics>) -> Result<PeerServer> {
+        let listener = std::net::TcpListener::bind(addr)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .map_err(|e| LazyError::io(format!("peer server: bind {addr}"), e))?;
+        let listener = TcpListener::from_std(listener)
+            .map_err(|e| LazyError::io(format!("peer server: bind {addr}"), e))?;
+        Self::start(listener, metrics)
+    }
+
+    fn start(listener: TcpListener, metrics: Arc<LazyMetrics>) -> Result<PeerServer> {
+        let addr = listener
+            .local_addr()
+            .map_err(|e| LazyError::io("peer server: local address", e))?;
+        let shared = Arc::new(Shared {
+            layers: RwLock::new(HashMap::new()),
+            metrics,
+        });
+        let task = tokio::spawn(accept_loop(listener, shared.clone()));
+        info!(%addr, "peer server listening");
+        Ok(PeerServer { shared, addr, task })
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves `store`'s layer from now on.
+    pub fn register(&self, store: Arc<BlockStore>) {
+        let digest = store.layer().digest.clone();
+        self.shared.layers.write().unwrap().insert(digest, store);
+    }
+
+    /// Stops serving layer `digest`.
+    pub fn unregister(&self, digest: &str) {
+        self.shared.layers.write().unwrap().remove(digest);
+    }
+
+    /// Whether layer `digest` is served.
+    pub fn is_registered(&self, digest: &str) -> bool {
+        self.shared.layers.read().unwrap().contains_key(digest)
+    }
+}
+
+impl Drop for PeerServer {
+    fn drop(&mut self) {
+        // Aborting the accept loop drops its JoinSet, which aborts every connection.
+        self.task.abort();
+    }
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let span = tracing::debug_span!("peer_conn", %peer);
+                    conns.spawn(serve_conn(stream, shared.clone()).instrument(span));
+                }
+                Err(e) => {
+                    warn!(error = %e, "peer server: accept");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+}
+
+async fn serve_conn(mut stream: TcpStream, shared: Arc<Shared>) {
+    if let Err(e) = serve_requests(&mut stream, &shared).await {
+        debug!(error = %e, "peer connection closed");
+    }
+}
+
+async fn serve_requests(stream: &mut TcpStream, shared: &Shared) -> Result<()> {
+    let io = |e| LazyError::io("peer connection", e);
+    loop {
+        let mut header = [0u8; REQUEST_HEADER_LEN];
+        match tokio::time::timeout(IDLE_TIMEOUT, stream.read_exact(&mut header)).await {
+            Err(_) => return Ok(()),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Ok(r) => r.map_err(io)?,
+        };
+        let rest = match peer_protocol::decode_request_header(&header) {
+            Ok(n) => n,
+            Err(e) => {
+                // The stream is out of sync: answer and hang up.
+                let msg = encode_err(Status::BadRequest, &e.to_string());
+                stream.write_all(&msg).await.map_err(io)?;
+                return Err(LazyError::Protocol(e.0));
+            }
+        };
+        let mut buf = header.to_vec();
+        buf.resize(REQUEST_HEADER_LEN + rest, 0);
+        stream
+            .read_exact(&mut buf[REQUEST_HEADER_LEN..])
+            .await
+            .map_err(io)?;
+        let req = match peer_protocol::decode_request(&buf) {
+            Ok(Some((req, _))) => req,
+            Ok(None) | Err(_) => {
+                let msg = encode_err(Status::BadRequest, "malformed request");
+                stream.write_all(&msg).await.map_err(io)?;
+                return Err(LazyError::Protocol("malformed request".into()));
+            }
+        };
+        let store = shared.layers.read().unwrap().get(&req.digest).cloned();
+        let Some(store) = store else {
+            shared.metrics.serve_errors.inc();
+            let msg = encode_err(
+                Status::UnknownLayer,
+                &format!("layer {} is not served by this node", req.digest),
+            );
+            stream.write_all(&msg).await.map_err(io)?;
+            continue;
+        };
+        let index = req.index as usize;
+        if index >= store.block_count() {
+            shared.metrics.serve_errors.inc();
+            let msg = encode_err(
+                Status::BadIndex,
+                &format!("layer has {} blocks", store.block_count()),
+            );
+            stream.write_all(&msg).await.map_err(io)?;
+            continue;
+        }
+        // Children wait on this: it competes with local reads, not with prefetch.
+        let fetch = store.stored_block(index, Purpose::OnDemand);
+        tokio::pin!(fetch);
+        let mut keepalive = tokio::time::interval(Duration::from_millis(KEEPALIVE_INTERVAL_MS));
+        keepalive.tick().await; // the first tick is immediate
+        let result = loop {
+            tokio::select! {
+                r = &mut fetch => break r,
+                _ = keepalive.tick() => {
+                    let h = peer_protocol::encode_response_header(Status::KeepAlive, 0);
+                    stream.write_all(&h).await.map_err(io)?;
+                }
+            }
+        };
+        match result {
+            Ok(bytes) => {
+                let h = peer_protocol::encode_response_header(Status::Ok, bytes.len() as u32);
+                stream.write_all(&h).await.map_err(io)?;
+                stream.write_all(&bytes).await.map_err(io)?;
+                shared.metrics.served_blocks.inc();
+                shared.metrics.served_bytes.inc_by(bytes.len() as u64);
+            }
+            Err(e) => {
+                shared.metrics.serve_errors.inc();
+                warn!(layer = %req.digest, index, error = %e, "cannot serve block to a child");
+                let msg = encode_err(Status::Unavailable, &e.to_string());
+                stream.write_all(&msg).await.map_err(io)?;
+            }
+        }
+    }
+}
+
+fn encode_err(status: Status, msg: &str) -> Vec<u8> {
+    // Messages are short; cap them anyway so the response stays within the protocol limit.
+    let msg = &msg.as_bytes()[..msg.len().min(4096)];
+    peer_protocol::encode_response(status, msg)
+}
