@@ -308,6 +308,7 @@ async fn convert_one(
     let tmp = tempfile::NamedTempFile::new()?;
     let file = tmp.as_file().try_clone()?;
     let bar = progress.layer(&label, desc.size);
+    bar.set_message("converting");
     let opts = ConvertOptions {
         block_size: ctx.cfg.block_size,
         threads: ctx.cfg.threads.max(1),

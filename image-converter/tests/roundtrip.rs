@@ -340,3 +340,47 @@ fn oci_layout_source_and_destination_and_blob_files() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("block 3"));
 }
+
+fn zstd(data: &[u8]) -> Option<Vec<u8>> {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("zstd")
+        .args(["-q", "-c", "-3"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .ok()?;
+    let mut stdin = child.stdin.take()?;
+    let data = data.to_vec();
+    let w = std::thread::spawn(move || stdin.write_all(&data));
+    let out = child.wait_with_output().ok()?;
+    w.join().ok()?.ok()?;
+    out.status.success().then_some(out.stdout)
+}
+
+#[test]
+fn zstd_layers_single_and_multi_frame() {
+    let tar = rich_layer();
+    let Some(single) = zstd(&tar) else {
+        eprintln!("!!! SKIPPING zstd test: the zstd command is not installed");
+        return;
+    };
+    let Some(reg) = Registry::start() else { return };
+    let cache = tempfile::tempdir().unwrap();
+    // Two frames concatenated decode to the concatenation (as pzstd/zstd --long may write).
+    let (a, b) = tar.split_at(tar.len() / 3);
+    let mut multi = zstd(a).unwrap();
+    multi.extend(zstd(b).unwrap());
+    let mk = |blob: Vec<u8>| TestLayer {
+        tar: tar.clone(),
+        blob,
+        media_type: faasnet_image_converter::manifest::media_types::OCI_LAYER_ZSTD.into(),
+    };
+    let layers = vec![mk(single), mk(multi)];
+    let src = reg.image("zstd:v1");
+    let dst = reg.image("zstd:v1-faasnet");
+    push_image(&src, &layers, None, false);
+    let out = cli(&["convert", &src, &dst], cache.path());
+    assert!(out.status.success());
+    check_converted(&dst, &String::from_utf8_lossy(&out.stdout), &layers);
+}
