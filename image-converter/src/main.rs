@@ -176,6 +176,11 @@ async fn run_async(cli: Cli) -> anyhow::Result<ExitCode> {
             let client = registry.client()?;
             let src_loc: ImageLocation = src.parse()?;
             let dst_loc: ImageLocation = dst.parse()?;
+            if let ImageLocation::Registry(r) = &dst_loc {
+                if r.digest.is_some() {
+                    bail!("destination {dst} names a digest; give a tag (host/repo:tag)");
+                }
+            }
             let src_store = Store::open(&src_loc, &client)?;
             let dst_store = Store::open_for_write(&dst_loc, &client)?;
             let mut cfg = ConvertConfig::new();
