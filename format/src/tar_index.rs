@@ -14,13 +14,21 @@ use crate::toc::{encode_xattr, normalize_path, EntryKind, TocEntry};
 /// so that it too lands in the blocks and the stream round-trips byte for byte.
 pub fn index_tar<R: Read>(reader: R) -> Result<Vec<TocEntry>> {
     let mut archive = tar::Archive::new(reader);
-    let mut entries = Vec::new();
+    let mut entries: Vec<TocEntry> = Vec::new();
     let mut seen: HashSet<String> = HashSet::new();
     let iter = archive
         .entries()
         .map_err(|e| FormatError::NotTar(e.to_string()))?;
     for entry in iter {
-        let mut entry = entry.map_err(|e| FormatError::NotTar(e.to_string()))?;
+        // Reaching the next header means skipping the previous entry's data: an error here
+        // is most often a size field that runs past the end of the stream, so name it.
+        let mut entry = entry.map_err(|e| match entries.last() {
+            Some(prev) => FormatError::BadEntry {
+                path: prev.path.clone(),
+                reason: format!("data or the next header is unreadable ({e}); does its size run past the end of the layer?"),
+            },
+            None => FormatError::NotTar(e.to_string()),
+        })?;
         let raw_path = String::from_utf8(entry.path_bytes().into_owned()).map_err(|_| {
             FormatError::BadEntry {
                 path: String::from_utf8_lossy(&entry.path_bytes()).into_owned(),

@@ -241,7 +241,11 @@ proptest! {
 /// tar, skipping the TOC and footer frames. Skipped (loudly) where the tool is not installed.
 #[test]
 fn reference_lz4_tool_decodes_blob() {
-    if std::process::Command::new("lz4").arg("--version").output().is_err() {
+    if std::process::Command::new("lz4")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
         eprintln!("SKIPPED: lz4 tool not installed (apt-get install lz4)");
         return;
     }
@@ -255,7 +259,11 @@ fn reference_lz4_tool_decodes_blob() {
         .arg(&path)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(out.stdout, tar);
     std::fs::remove_dir_all(dir).unwrap();
 }
