@@ -10,6 +10,9 @@ cd "$(dirname "$0")/.."
 
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
+# Test images are cached outside the work tree, so CI's fresh clones reuse the slow
+# debootstrap build done by an earlier run on the same machine.
+export FAASNET_IMAGES_CACHE="${FAASNET_IMAGES_CACHE:-/var/cache/faasnet/images}"
 
 if [ "$(id -u)" != 0 ]; then
 	echo "hack/test.sh: the end-to-end tests need root (FUSE, containerd)" >&2
