@@ -359,9 +359,9 @@ impl containerd_snapshots::Snapshotter for Service {
     }
 }
 
-/// Serves `service` on the unix socket `socket` until `shutdown` completes. A stale
-/// socket file is replaced; the socket's directory is created; the file is removed on
-/// exit.
+/// Serves `service` on the unix socket `socket` until `shutdown` completes. The socket's
+/// directory is created; a stale socket file is replaced (a live one is an error); the
+/// file is removed on exit.
 pub async fn serve(
     service: Service,
     socket: &Path,
@@ -373,6 +373,13 @@ pub async fn serve(
     };
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).map_err(sock_err)?;
+    }
+    // Replace a stale socket file, but never steal the socket of a live server.
+    if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+        return Err(sock_err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            "another process is serving on this socket",
+        )));
     }
     match std::fs::remove_file(socket) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(sock_err(e)),

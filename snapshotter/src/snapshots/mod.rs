@@ -3,6 +3,7 @@
 //! threads.
 //!
 //! Directory layout under the root:
+//! - `lock`: held (flock) by the daemon using the root;
 //! - `metadata.sled/`: the metadata store;
 //! - `snapshots/<id>/fs`: a snapshot's content (upper dir; for a remote snapshot, the
 //!   lazy path's mountpoint);
@@ -43,6 +44,8 @@ pub struct Overlay {
     meta: MetaStore,
     index_off: bool,
     temp_counter: AtomicU64,
+    /// Exclusive lock on `<root>/lock`: two daemons on one root would corrupt each other.
+    _lock: nix::fcntl::Flock<fs::File>,
 }
 
 impl mounts::Layout for Overlay {
@@ -68,6 +71,23 @@ impl Overlay {
         fs::create_dir_all(root).map_err(|e| Error::io(format!("create {}", root.display()), e))?;
         fs::set_permissions(root, fs::Permissions::from_mode(0o700))
             .map_err(|e| Error::io(format!("chmod {}", root.display()), e))?;
+        let lock_path = root.join("lock");
+        let lock_file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| Error::io(format!("open {}", lock_path.display()), e))?;
+        let lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, errno)| {
+                Error::io(
+                    format!(
+                        "lock {} (is another snapshotter using this root?)",
+                        lock_path.display()
+                    ),
+                    std::io::Error::from(errno),
+                )
+            })?;
         let snapshots_dir = root.join("snapshots");
         if !snapshots_dir.is_dir() {
             mkdir_mode(&snapshots_dir, 0o700)?;
@@ -79,6 +99,7 @@ impl Overlay {
             meta,
             index_off: mounts::kernel_supports_index(),
             temp_counter: AtomicU64::new(0),
+            _lock: lock,
         };
         let removed = overlay.cleanup()?;
         if removed > 0 {
@@ -339,6 +360,16 @@ mod tests {
         let r = o.remove("c").unwrap();
         o.delete_dir(r.id).unwrap();
         assert_eq!(fs::read_dir(o.root().join("snapshots")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn one_daemon_per_root() {
+        let (d, _o) = open();
+        let second = Overlay::open(&d.path().join("root"));
+        assert!(
+            matches!(second, Err(Error::Io { .. })),
+            "second open must fail"
+        );
     }
 
     #[test]
