@@ -1,0 +1,367 @@
+//! Blocks flowing down a function tree: node B's upstream is node A's peer server, A's is the
+//! registry. Plus a corrupt peer, a silent peer, single-flight fetches, prefetch, and the peer
+//! server's answers to unknown layers.
+
+mod lazy_support;
+
+use std::{
+    collections::HashMap,
+    path::Path,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use faasnet_format::{ConvertedLayer, EntryKind};
+use faasnet_snapshotter::lazy::{
+    block_source::BlockSource,
+    peer_protocol::{self, Status},
+    peer_source::PeerSource,
+    LayerRef, Source, StaticUpstream,
+};
+use lazy_support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const REPO: &str = "faasnet/lazy-tree";
+
+/// A layer of a few multi-block files.
+fn layer_tar() -> (Vec<u8>, HashMap<String, Vec<u8>>) {
+    let mut t = TarBuilder::new();
+    let mut files = HashMap::new();
+    for i in 0..6u32 {
+        let path = format!("app/file{i}");
+        let data = noise(50_000 + i as usize * 70_000, i + 7);
+        t.file(&path, Meta::default(), &data);
+        files.insert(path, data);
+    }
+    t.hardlink("app/link", "app/file0");
+    files.insert("app/link".into(), files["app/file0"].clone());
+    (t.finish(), files)
+}
+
+struct Setup {
+    registry: Registry,
+    layer: LayerRef,
+    converted: ConvertedLayer,
+    blob: Vec<u8>,
+    files: HashMap<String, Vec<u8>>,
+    dir: tempfile::TempDir,
+}
+
+async fn setup() -> Setup {
+    let registry = Registry::start();
+    let (tar, files) = layer_tar();
+    let (blob, converted) = convert(&tar);
+    let digest = registry.push_blob(REPO, &blob).await;
+    Setup {
+        layer: LayerRef::new(registry.addr.clone(), REPO, digest).unwrap(),
+        registry,
+        converted,
+        blob,
+        files,
+        dir: tempfile::tempdir().unwrap(),
+    }
+}
+
+fn mountpoint(dir: &Path, name: &str) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::create_dir_all(&p).unwrap();
+    p
+}
+
+async fn read_all_and_compare(mnt: &Path, files: &HashMap<String, Vec<u8>>) {
+    let (mnt, files) = (mnt.to_path_buf(), files.clone());
+    tokio::task::spawn_blocking(move || {
+        for (path, data) in &files {
+            let got = std::fs::read(mnt.join(path)).unwrap();
+            assert!(got == *data, "{path}: bytes differ");
+        }
+    })
+    .await
+    .unwrap();
+}
+
+/// Blocks that hold file data (those a full read touches).
+fn data_blocks(c: &ConvertedLayer) -> usize {
+    let mut set = std::collections::BTreeSet::new();
+    for e in c.toc.entries.iter().filter(|e| e.kind == EntryKind::File) {
+        set.extend(c.toc.blocks_for_range(e.offset, e.size));
+    }
+    set.len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn child_gets_every_block_from_its_parent() {
+    let s = setup().await;
+    let n = data_blocks(&s.converted) as u64;
+    let (a, am) = manager(&s.dir.path().join("a"), true, false);
+    let (b, bm) = manager(&s.dir.path().join("b"), true, false);
+    let (c, cm) = manager(&s.dir.path().join("c"), true, false);
+    // A only serves the layer (it is the root: registry upstream); it has nothing cached.
+    a.open_layer(&s.layer, None, StaticUpstream::root())
+        .await
+        .unwrap();
+    let mnt_b = mountpoint(s.dir.path(), "mnt-b");
+    let up_b = StaticUpstream::peer(a.peer_addr().unwrap());
+    b.mount(&s.layer, None, up_b.clone(), &mnt_b).await.unwrap();
+    read_all_and_compare(&mnt_b, &s.files).await;
+
+    // B got every block from A, A fetched each from the registry once and forwarded it.
+    assert_eq!(bm.blocks_from(Source::Registry), 0);
+    assert_eq!(bm.blocks_from(Source::Peer), n);
+    assert_eq!(bm.peer_fallbacks.get(), 0);
+    assert_eq!(up_b.failures(), 0);
+    assert_eq!(am.blocks_from(Source::Registry), n);
+    assert_eq!(am.served_blocks.get(), n);
+    // Registry: one range request per block, plus one tail (TOC) request per node.
+    assert_eq!(
+        s.registry.range_requests(&s.layer.digest).len() as u64,
+        n + 2
+    );
+
+    // C below B: everything from B's cache, nothing new from the registry.
+    let mnt_c = mountpoint(s.dir.path(), "mnt-c");
+    c.mount(
+        &s.layer,
+        Some(s.converted.blob_size),
+        StaticUpstream::peer(b.peer_addr().unwrap()),
+        &mnt_c,
+    )
+    .await
+    .unwrap();
+    read_all_and_compare(&mnt_c, &s.files).await;
+    assert_eq!(cm.blocks_from(Source::Peer), n);
+    assert_eq!(bm.served_blocks.get(), n);
+    assert_eq!(
+        bm.blocks_from(Source::Cache),
+        n,
+        "B served C from its cache"
+    );
+    assert_eq!(
+        s.registry.range_requests(&s.layer.digest).len() as u64,
+        n + 3
+    );
+
+    c.unmount(&mnt_c).await.unwrap();
+    b.unmount(&mnt_b).await.unwrap();
+}
+
+/// A peer that answers every request with the right block, one byte flipped.
+async fn corrupt_peer(
+    blob: Vec<u8>,
+    converted: ConvertedLayer,
+) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let served = Arc::new(AtomicUsize::new(0));
+    let counter = served.clone();
+    let blob = Arc::new(blob);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                return;
+            };
+            let (blob, converted, counter) = (blob.clone(), converted.clone(), counter.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let mut chunk = [0u8; 512];
+                    let n = conn.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    while let Ok(Some((req, used))) = peer_protocol::decode_request(&buf) {
+                        buf.drain(..used);
+                        counter.fetch_add(1, Ordering::SeqCst);
+                        let e = &converted.toc.blocks[req.index as usize];
+                        let mut stored =
+                            blob[e.offset as usize..(e.offset + e.stored_len) as usize].to_vec();
+                        let mid = stored.len() / 2;
+                        stored[mid] ^= 0x40;
+                        let resp = peer_protocol::encode_response(Status::Ok, &stored);
+                        if conn.write_all(&resp).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, served)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn corrupt_peer_is_detected_and_avoided() {
+    let s = setup().await;
+    let (peer, served) = corrupt_peer(s.blob.clone(), s.converted.clone()).await;
+    let (b, bm) = manager(&s.dir.path().join("b"), false, false);
+    let up = StaticUpstream::peer(peer);
+    let mnt = mountpoint(s.dir.path(), "mnt");
+    b.mount(&s.layer, None, up.clone(), &mnt).await.unwrap();
+    read_all_and_compare(&mnt, &s.files).await;
+
+    let bad = served.load(Ordering::SeqCst) as u64;
+    assert!(bad >= 1, "the peer was asked");
+    assert_eq!(
+        bm.digest_failures.get(),
+        bad,
+        "every corrupt block was caught"
+    );
+    assert_eq!(
+        bm.blocks_from(Source::Peer),
+        0,
+        "no corrupt block was accepted"
+    );
+    assert_eq!(
+        bm.blocks_from(Source::Registry),
+        data_blocks(&s.converted) as u64
+    );
+    assert!(bm.peer_fallbacks.get() >= bad);
+    assert_eq!(up.failures(), bad, "the upstream provider was told");
+    // Once caught, the peer is avoided: fewer peer requests than blocks.
+    assert!(
+        bad < data_blocks(&s.converted) as u64,
+        "{bad} peer requests"
+    );
+    b.unmount(&mnt).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn silent_peer_stalls_then_registry() {
+    let s = setup().await;
+    // Accepts connections and never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((c, _)) = listener.accept().await {
+            held.push(c);
+        }
+    });
+    let (b, bm) = manager(&s.dir.path().join("b"), false, false);
+    let store = b
+        .open_layer(&s.layer, None, StaticUpstream::peer(addr))
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let raw = store.raw_block(0).await.unwrap();
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(8),
+        "{took:?}"
+    );
+    assert_eq!(raw.len(), s.converted.toc.blocks[0].raw_len as usize);
+    assert_eq!(bm.peer_fallbacks.get(), 1);
+    assert_eq!(bm.blocks_from(Source::Registry), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_reads_of_a_missing_block_fetch_it_once() {
+    let s = setup().await;
+    let (a, am) = manager(&s.dir.path().join("a"), false, false);
+    let store = a
+        .open_layer(&s.layer, None, StaticUpstream::root())
+        .await
+        .unwrap();
+    let before = s.registry.range_requests(&s.layer.digest).len();
+    let index = 3;
+    let reads: Vec<_> = (0..16)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.raw_block(index).await.unwrap() })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for r in reads {
+        results.push(r.await.unwrap());
+    }
+    assert!(results.windows(2).all(|w| w[0] == w[1]));
+    assert_eq!(
+        am.blocks_from(Source::Registry),
+        1,
+        "one fetch for 16 readers"
+    );
+    assert_eq!(s.registry.range_requests(&s.layer.digest).len(), before + 1);
+    // Same through the stored path children use.
+    let stored = store
+        .stored_block(
+            index,
+            faasnet_snapshotter::lazy::block_store::Purpose::OnDemand,
+        )
+        .await
+        .unwrap();
+    let e = &s.converted.toc.blocks[index];
+    assert_eq!(
+        &stored[..],
+        &s.blob[e.offset as usize..(e.offset + e.stored_len) as usize]
+    );
+    assert_eq!(am.blocks_from(Source::Registry), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn prefetch_fetches_the_whole_layer_coalesced() {
+    let s = setup().await;
+    let (a, am) = manager(&s.dir.path().join("a"), true, true);
+    let mnt = mountpoint(s.dir.path(), "mnt");
+    a.mount(&s.layer, None, StaticUpstream::root(), &mnt)
+        .await
+        .unwrap();
+    let store = a
+        .open_layer(&s.layer, None, StaticUpstream::root())
+        .await
+        .unwrap();
+    let n = s.converted.toc.blocks.len();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while store.cached_blocks() < n {
+        assert!(Instant::now() < deadline, "prefetch did not finish");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(am.blocks_from(Source::Registry), n as u64);
+    assert_eq!(am.prefetched_blocks.get(), n as u64);
+    let ranges = s.registry.range_requests(&s.layer.digest).len();
+    assert!(
+        ranges - 1 < n,
+        "{ranges} range requests for {n} blocks: not coalesced"
+    );
+    // Reading now touches no source but the cache.
+    read_all_and_compare(&mnt, &s.files).await;
+    assert_eq!(am.blocks_from(Source::Registry), n as u64);
+    a.unmount(&mnt).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn peer_server_refuses_unknown_layers_and_bad_indices() {
+    let s = setup().await;
+    let (a, am) = manager(&s.dir.path().join("a"), true, false);
+    a.open_layer(&s.layer, None, StaticUpstream::root())
+        .await
+        .unwrap();
+    let client = PeerSource::new(a.peer_addr().unwrap(), Duration::from_secs(2));
+    let e0 = s.converted.toc.blocks[0].clone();
+    let unknown = LayerRef::new(
+        s.registry.addr.clone(),
+        REPO,
+        format!("sha256:{}", "1".repeat(64)),
+    )
+    .unwrap();
+    let err = client
+        .fetch(&unknown, 0, &e0)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("UnknownLayer"), "{err}");
+    let err = client
+        .fetch(&s.layer, 100_000, &e0)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("BadIndex"), "{err}");
+    // The same connection pool still works for a real block.
+    let b = client.fetch(&s.layer, 0, &e0).await.unwrap();
+    assert_eq!(&b[..], &s.blob[..e0.stored_len as usize]);
+    assert_eq!(am.serve_errors.get(), 2);
+    assert_eq!(am.served_blocks.get(), 1);
+}
