@@ -2,9 +2,9 @@
 //!
 //! This is the coordinator without the network: the gRPC service, the lease sweeper and
 //! the tests all drive it. Every call that changes a tree follows the same order:
-//! 1. under the tree's lock, change the in-memory tree, bump its epoch and apply one sled
-//!    batch (so sled sees each tree's changes in epoch order);
-//! 2. outside the lock, wait for the group-commit flush;
+//! 1. under the tree's lock, change the in-memory tree, bump its epoch and queue the
+//!    change to the store (so sled sees each tree's changes in epoch order);
+//! 2. outside the lock, wait for the store's group commit (applied and flushed);
 //! 3. only then answer the caller and push the upstream updates to watchers.
 //!
 //! Nothing is ever told to a VM before it is on disk, so after a crash no VM can hold an

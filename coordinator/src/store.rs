@@ -1,8 +1,10 @@
 //! Durable state in sled: each tree's epoch and each node's position and peer address.
 //!
-//! One change to a tree is one sled batch (atomic on recovery). Callers acknowledge a
-//! change only after [`Store::sync`], which is a group commit: a dedicated thread flushes
-//! once for every write queued since its last flush, so concurrent requests share fsyncs.
+//! All writes go through one writer thread, in the order they were queued. It drains
+//! everything queued, applies it as one sled batch (atomic on recovery), and, if anyone
+//! is waiting in [`Store::sync`], flushes once for all of them: a group commit, so
+//! concurrent requests share one fsync and no async worker ever blocks inside sled.
+//! Callers acknowledge a change only after `sync` returns.
 //!
 //! Keys (NUL-separated; names never contain control characters, see `validate`):
 //! - `m\0<tenant>\0<function>` → [`TreeMeta`]
@@ -84,20 +86,79 @@ pub struct Write<'a> {
 
 type Waiter = oneshot::Sender<Result<(), StoreError>>;
 
-/// The sled database plus its group-commit flusher.
+/// Key puts (`Some`) and deletes (`None`) of one tree change.
+type Ops = Vec<(Vec<u8>, Option<Vec<u8>>)>;
+
+enum Msg {
+    Write(Ops),
+    Sync(Waiter),
+}
+
+/// The sled database plus its writer thread.
 pub struct Store {
     db: sled::Db,
     // Both are `Option` only so that `drop` can close the channel, then join the thread:
     // the thread holds a handle on the database, which stays locked until it is gone.
-    flush_tx: Option<mpsc::UnboundedSender<Waiter>>,
-    flusher: Option<std::thread::JoinHandle<()>>,
+    tx: Option<mpsc::UnboundedSender<Msg>>,
+    writer: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Drop for Store {
     fn drop(&mut self) {
-        self.flush_tx.take();
-        if let Some(t) = self.flusher.take() {
+        self.tx.take();
+        if let Some(t) = self.writer.take() {
             let _ = t.join();
+        }
+    }
+}
+
+/// The writer thread: batch everything queued, flush if someone waits, answer them.
+fn writer_loop(db: sled::Db, mut rx: mpsc::UnboundedReceiver<Msg>) {
+    // Once a write fails, every later sync fails too: memory and disk have diverged.
+    let mut broken: Option<StoreError> = None;
+    while let Some(first) = rx.blocking_recv() {
+        let mut batch = sled::Batch::default();
+        let mut writes = 0usize;
+        let mut waiters = Vec::new();
+        let mut msg = Some(first);
+        while let Some(m) = msg {
+            match m {
+                Msg::Write(ops) => {
+                    writes += 1;
+                    // Later ops on the same key override earlier ones, as in order.
+                    for (k, v) in ops {
+                        match v {
+                            Some(v) => batch.insert(k, v),
+                            None => batch.remove(k),
+                        }
+                    }
+                }
+                Msg::Sync(w) => waiters.push(w),
+            }
+            // Bound the group so a flood of writes still gets flushed and answered.
+            msg = if writes + waiters.len() < 4096 {
+                rx.try_recv().ok()
+            } else {
+                None
+            };
+        }
+        if broken.is_none() && writes > 0 {
+            if let Err(e) = db.apply_batch(batch) {
+                broken = Some(e.into());
+            }
+        }
+        if waiters.is_empty() {
+            continue;
+        }
+        let result = match &broken {
+            Some(e) => Err(e.clone()),
+            None => db.flush().map(|_| ()).map_err(StoreError::from),
+        };
+        if let Err(e) = &result {
+            broken.get_or_insert_with(|| e.clone());
+        }
+        for w in waiters {
+            let _ = w.send(result.clone());
         }
     }
 }
@@ -156,30 +217,25 @@ impl Store {
     }
 
     fn with_db(db: sled::Db) -> Self {
-        let (flush_tx, mut rx) = mpsc::unbounded_channel::<Waiter>();
-        let flush_db = db.clone();
-        let flusher = std::thread::Builder::new()
-            .name("coordinator-flush".into())
-            .spawn(move || {
-                // Group commit: one flush covers every write applied before the waiters
-                // queued up, so everyone waiting is answered by it.
-                while let Some(first) = rx.blocking_recv() {
-                    let mut waiters = vec![first];
-                    while let Ok(w) = rx.try_recv() {
-                        waiters.push(w);
-                    }
-                    let result = flush_db.flush().map(|_| ()).map_err(StoreError::from);
-                    for w in waiters {
-                        let _ = w.send(result.clone());
-                    }
-                }
-            })
-            .expect("spawn flusher thread");
+        let (tx, rx) = mpsc::unbounded_channel::<Msg>();
+        let writer_db = db.clone();
+        let writer = std::thread::Builder::new()
+            .name("coordinator-store".into())
+            .spawn(move || writer_loop(writer_db, rx))
+            .expect("spawn store writer thread");
         Self {
             db,
-            flush_tx: Some(flush_tx),
-            flusher: Some(flusher),
+            tx: Some(tx),
+            writer: Some(writer),
         }
+    }
+
+    fn send(&self, msg: Msg) -> Result<(), StoreError> {
+        self.tx
+            .as_ref()
+            .ok_or(StoreError::Closed)?
+            .send(msg)
+            .map_err(|_| StoreError::Closed)
     }
 
     /// Reads every tree back, nodes in position order. Trees with a meta record but no
@@ -221,7 +277,8 @@ impl Store {
             .collect())
     }
 
-    /// The epoch stored for a tree, if it ever existed.
+    /// The epoch stored for a tree, if it ever existed. Reads applied state only; the
+    /// forest asks only about trees it does not hold in memory, which have nothing queued.
     pub fn epoch(&self, key: &TreeKey) -> Result<Option<u64>, StoreError> {
         match self.db.get(meta_key(key))? {
             None => Ok(None),
@@ -233,36 +290,33 @@ impl Store {
         }
     }
 
-    /// Applies one tree change as a single atomic batch. Not durable until [`Store::sync`].
+    /// Queues one tree change. Changes are applied in the order queued (callers queue
+    /// under the tree's lock, so each tree's changes land in epoch order). Not durable,
+    /// nor even visible to reads, until [`Store::sync`] returns.
     pub fn write(&self, key: &TreeKey, w: &Write<'_>) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
+        let mut ops: Ops = Vec::with_capacity(1 + w.put.len() + w.remove.len());
         let meta = serde_json::to_vec(&TreeMeta { epoch: w.epoch }).expect("encode meta");
-        batch.insert(meta_key(key), meta);
+        ops.push((meta_key(key), Some(meta)));
         for node in &w.remove {
-            batch.remove(node_key(key, node));
+            ops.push((node_key(key, node), None));
         }
         for (node, position, addr) in &w.put {
             let rec = NodeRecord {
                 position: *position as u64,
                 addr: (*addr).to_string(),
             };
-            batch.insert(
+            ops.push((
                 node_key(key, node),
-                serde_json::to_vec(&rec).expect("encode node"),
-            );
+                Some(serde_json::to_vec(&rec).expect("encode node")),
+            ));
         }
-        self.db.apply_batch(batch)?;
-        Ok(())
+        self.send(Msg::Write(ops))
     }
 
-    /// Waits until everything written so far is on disk.
+    /// Waits until everything queued so far is applied and on disk.
     pub async fn sync(&self) -> Result<(), StoreError> {
         let (tx, rx) = oneshot::channel();
-        self.flush_tx
-            .as_ref()
-            .ok_or(StoreError::Closed)?
-            .send(tx)
-            .map_err(|_| StoreError::Closed)?;
+        self.send(Msg::Sync(tx))?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 }
