@@ -384,3 +384,40 @@ async fn not_our_format_takes_the_ordinary_path() {
     assert!(is_mounted(&mnt));
     remote.remove_remote("k", &labels, &mnt).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn busy_mount_is_detached_lazily_and_keeps_serving_open_files() {
+    let registry = Registry::start();
+    let (tar, content) = test_tar();
+    let (blob, _) = convert(&tar);
+    let digest = registry.push_blob(REPO, &blob).await;
+    let layer = LayerRef::new(registry.addr.clone(), REPO, digest).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let (manager, _) = manager(dir.path(), false, false);
+    manager
+        .mount(&layer, None, StaticUpstream::root(), &mnt)
+        .await
+        .unwrap();
+    let m2 = mnt.clone();
+    let file =
+        tokio::task::spawn_blocking(move || std::fs::File::open(m2.join("bin/busybox")).unwrap())
+            .await
+            .unwrap();
+    assert!(manager.unmount(&mnt).await.unwrap());
+    assert!(!is_mounted(&mnt), "detached from the tree");
+    let expected = content["bin/busybox"].clone();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut file = file;
+        let mut data = Vec::new();
+        file.read_to_end(&mut data).unwrap();
+        assert!(
+            data == expected,
+            "the open file still reads through the detached mount"
+        );
+    })
+    .await
+    .unwrap();
+}

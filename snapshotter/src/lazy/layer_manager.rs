@@ -247,7 +247,8 @@ impl LayerManager {
     }
 
     /// Mounts `layer` at `mountpoint`, serves it to children and starts its prefetch.
-    /// Mounting the same mountpoint twice is a no-op.
+    /// Mounting the same mountpoint twice is a no-op. Mounts of different layers proceed in
+    /// parallel (containerd prepares an image's layers concurrently).
     pub async fn mount(
         &self,
         layer: &LayerRef,
@@ -255,8 +256,7 @@ impl LayerManager {
         upstream: Arc<dyn UpstreamProvider>,
         mountpoint: &Path,
     ) -> Result<()> {
-        let mut mounts = self.mounts.lock().await;
-        if mounts.contains_key(mountpoint) {
+        if self.mounts.lock().await.contains_key(mountpoint) {
             return Ok(());
         }
         let store = self.open_layer(layer, blob_size, upstream).await?;
@@ -268,6 +268,12 @@ impl LayerManager {
             },
         )
         .await?;
+        let mut mounts = self.mounts.lock().await;
+        if mounts.contains_key(mountpoint) {
+            // Raced with another mount of the same mountpoint: ours is on top, take it off.
+            drop(mounts);
+            return mount.unmount().await;
+        }
         let prefetch = self.options.prefetch.then(|| {
             let priority = prefetch::load_access_order(&self.access_order_path(layer));
             prefetch::spawn_prefetch(

@@ -140,10 +140,10 @@ impl LazyRemoteLayers {
         LazyRemoteLayers { manager, upstreams }
     }
 
-    /// The daemon's lazy path from its configuration, with every node fetching from the
-    /// registry (no function tree). Registers its metrics with `register`, e.g.
-    /// `|r| metrics.with_registry(|reg| r(reg.sub_registry_with_prefix("lazy")))`.
-    /// Must be called within a tokio runtime.
+    /// The daemon's lazy path from its configuration (`[lazy]`), with every node fetching
+    /// from the registry (no function tree yet). Register `metrics` into the daemon's
+    /// registry first: `metrics.register(r.sub_registry_with_prefix("lazy"))`. Must be called
+    /// within a multi-threaded tokio runtime (the peer server starts listening).
     pub fn from_config(config: &crate::config::Config, metrics: Arc<LazyMetrics>) -> Result<Self> {
         let manager = LayerManager::new(LayerOptions::from_config(config), metrics)?;
         Ok(Self::new(
