@@ -3,7 +3,10 @@
 //!   default isolation mode and the raw mode (server-side Walk filters);
 //! - a restart keeps snapshots, and the metrics endpoint answers;
 //! - a real containerd, configured with the snapshotter as a proxy plugin, imports a
-//!   tiny busybox image through it and runs a container from it.
+//!   tiny busybox image through it and runs a container from it;
+//! - the remote-layer seam under a real containerd: a stand-in lazy path (bind mounts)
+//!   makes containerd take a layer as committed without unpacking it, run a container on
+//!   it, get it back after a snapshotter restart, and remove it.
 //!
 //! They need root (mounts) and skip with a message otherwise. The suite lives in
 //! `<repo>/../shared/conformance` (CI clones the repo with `shared/` beside it);
@@ -16,13 +19,17 @@ use std::{
     io::Write,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use containerd_snapshots::api::snapshots::v1::{
     snapshots_client::SnapshotsClient, CommitSnapshotRequest, PrepareSnapshotRequest,
     StatSnapshotRequest,
+};
+use faasnet_snapshotter::{
+    metrics::Metrics, service::Service, snapshots::Overlay, RemoteLayers, REMOTE_LABEL,
+    TARGET_SNAPSHOT_LABEL,
 };
 use sha2::{Digest, Sha256};
 
@@ -400,8 +407,9 @@ fn oci_arch() -> &'static str {
 }
 
 /// Writes an OCI image archive holding one uncompressed layer with a static busybox at
-/// /bin/busybox (and /bin/sh → busybox), named `<base>:test` on import.
-fn build_busybox_image(busybox: &Path, out: &Path) {
+/// /bin/busybox (and /bin/sh → busybox), named `<base>:test` on import. Returns the
+/// layer's digest: also its diff ID and, as the only layer, the image's chain ID.
+fn build_busybox_image(busybox: &Path, out: &Path) -> String {
     // The layer.
     let mut layer = tar::Builder::new(Vec::new());
     let mut dir = tar::Header::new_gnu();
@@ -480,6 +488,7 @@ fn build_busybox_image(busybox: &Path, out: &Path) {
     add(&format!("blobs/sha256/{config_digest}"), &config);
     add(&format!("blobs/sha256/{manifest_digest}"), &manifest);
     archive.finish().unwrap();
+    format!("sha256:{layer_digest}")
 }
 
 fn which(cmd: &str) -> Option<PathBuf> {
@@ -587,9 +596,7 @@ impl Drop for Containerd {
     }
 }
 
-#[test]
-fn containerd_runs_a_container_on_the_snapshotter() {
-    require_root!();
+fn require_containerd_tools() -> &'static Path {
     for tool in ["containerd", "ctr", "runc", "containerd-shim-runc-v2"] {
         assert!(
             which(tool).is_some(),
@@ -601,11 +608,18 @@ fn containerd_runs_a_container_on_the_snapshotter() {
         busybox.exists(),
         "/bin/busybox missing (apt-get install busybox-static)"
     );
+    busybox
+}
+
+#[test]
+fn containerd_runs_a_container_on_the_snapshotter() {
+    require_root!();
+    let busybox = require_containerd_tools();
     let _g = heavy();
 
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("busybox-oci.tar");
-    build_busybox_image(busybox, &image);
+    let _ = build_busybox_image(busybox, &image);
     let snap_dir = dir.path().join("snap");
     fs::create_dir(&snap_dir).unwrap();
     let mut snapshotter = Daemon::start(&snap_dir, "");
@@ -665,5 +679,253 @@ fn containerd_runs_a_container_on_the_snapshotter() {
     assert!(out.status.success());
     drop(containerd);
     snapshotter.stop();
+    detach_all_under(dir.path());
+}
+
+// ---- the remote-layer seam under a real containerd ------------------------------------
+
+/// Label (inherited by the backend snapshotter, as every `containerd.io/snapshot/` label)
+/// naming a directory the fake lazy path "mounts" as the layer.
+const LAYER_DIR_LABEL: &str = "containerd.io/snapshot/faasnet-test.layer-dir";
+
+/// A stand-in for the lazy path: read-only bind mounts of a local directory named by a
+/// label, in place of a FUSE filesystem.
+struct BindRemote;
+
+fn bind_ro(src: &str, dst: &Path) -> anyhow::Result<()> {
+    use nix::mount::{mount, MsFlags};
+    mount(Some(src), dst, None::<&str>, MsFlags::MS_BIND, None::<&str>)?;
+    mount(
+        None::<&str>,
+        dst,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+        None::<&str>,
+    )?;
+    Ok(())
+}
+
+#[async_trait::async_trait]
+impl RemoteLayers for BindRemote {
+    async fn prepare_remote(
+        &self,
+        _key: &str,
+        labels: &HashMap<String, String>,
+        mountpoint: &Path,
+    ) -> anyhow::Result<bool> {
+        match labels.get(LAYER_DIR_LABEL) {
+            Some(dir) => bind_ro(dir, mountpoint).map(|_| true),
+            None => Ok(false),
+        }
+    }
+    async fn restore_remote(
+        &self,
+        _key: &str,
+        labels: &HashMap<String, String>,
+        mountpoint: &Path,
+    ) -> anyhow::Result<()> {
+        bind_ro(&labels[LAYER_DIR_LABEL], mountpoint)
+    }
+    async fn remove_remote(
+        &self,
+        _key: &str,
+        _labels: &HashMap<String, String>,
+        mountpoint: &Path,
+    ) -> anyhow::Result<()> {
+        nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH)?;
+        Ok(())
+    }
+}
+
+/// The snapshotter served in-process with [`BindRemote`] as its lazy path.
+struct InProcess {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn serve_in_process(root: &Path, socket: &Path) -> InProcess {
+    let core = Arc::new(Overlay::open(root).unwrap());
+    let service = Service::new(core, Arc::new(BindRemote), Arc::new(Metrics::new()));
+    service.restore_remote_snapshots().await.unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let socket = socket.to_path_buf();
+    let task = tokio::spawn(async move {
+        faasnet_snapshotter::service::serve(service, &socket, async {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap();
+    });
+    InProcess { stop, task }
+}
+
+impl InProcess {
+    async fn shutdown(self) {
+        let _ = self.stop.send(());
+        self.task.await.unwrap();
+    }
+}
+
+fn namespaced<T>(msg: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut()
+        .insert("containerd-namespace", "faasnet-test".parse().unwrap());
+    req
+}
+
+// The HEAVY guard serialises whole tests, each on its own runtime: holding it across
+// awaits blocks no other task of this runtime.
+#[allow(clippy::await_holding_lock)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containerd_uses_a_remote_layer_without_unpacking_it() {
+    require_root!();
+    let busybox = require_containerd_tools();
+    let _g = heavy();
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("busybox-oci.tar");
+    let chain_id = build_busybox_image(busybox, &image);
+    // The "remote" layer content: what the lazy path would serve through FUSE.
+    let layer_dir = dir.path().join("layer");
+    fs::create_dir_all(layer_dir.join("bin")).unwrap();
+    fs::copy(busybox, layer_dir.join("bin/busybox")).unwrap();
+    std::os::unix::fs::symlink("busybox", layer_dir.join("bin/sh")).unwrap();
+
+    let snap_root = dir.path().join("snap-root");
+    let snap_sock = dir.path().join("snap.sock");
+    let snapshotter = serve_in_process(&snap_root, &snap_sock).await;
+    let ctrd_dir = dir.path().join("ctrd");
+    fs::create_dir(&ctrd_dir).unwrap();
+    let containerd = tokio::task::block_in_place(|| Containerd::start(&ctrd_dir, &snap_sock));
+    let ctr = |args: &[&str]| tokio::task::block_in_place(|| containerd.ctr(args));
+
+    // The image's blobs only: nothing unpacked yet.
+    let out = ctr(&[
+        "images",
+        "import",
+        "--no-unpack",
+        "--base-name",
+        "docker.io/faasnet/busybox",
+        image.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "import: {}", containerd.log_text());
+
+    // What containerd's unpacker sends for a layer (through containerd's own snapshots
+    // service, which adds its metadata layer on top of ours): Prepare of an extraction key
+    // with the target chain ID label.
+    let mut c = client(&containerd.socket).await;
+    let labels = HashMap::from([
+        (TARGET_SNAPSHOT_LABEL.to_string(), chain_id.clone()),
+        (LAYER_DIR_LABEL.to_string(), layer_dir.display().to_string()),
+        (
+            "containerd.io/gc.root".to_string(),
+            "faasnet-test".to_string(),
+        ),
+    ]);
+    let err = c
+        .prepare(namespaced(PrepareSnapshotRequest {
+            snapshotter: "faasnet".into(),
+            key: format!("extract-1 {chain_id}"),
+            parent: String::new(),
+            labels,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        tonic::Code::AlreadyExists,
+        "containerd should see the remote layer as committed: {err:?}\n{}",
+        containerd.log_text()
+    );
+    // containerd found our committed remote snapshot (by Walk with a filter) and linked it.
+    let info = c
+        .stat(namespaced(StatSnapshotRequest {
+            snapshotter: "faasnet".into(),
+            key: chain_id.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .info
+        .unwrap();
+    assert_eq!(info.kind, 3, "committed");
+    assert_eq!(
+        info.labels.get(REMOTE_LABEL).map(String::as_str),
+        Some("remote snapshot")
+    );
+
+    // ctr run sees the image as unpacked and runs on top of the remote layer.
+    let run = |name: &str| {
+        ctr(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "faasnet",
+            "docker.io/faasnet/busybox:test",
+            name,
+            "/bin/sh",
+            "-c",
+            "echo remote layer says hi; ls /bin",
+        ])
+    };
+    let out = run("faasnet-remote-1");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && stdout.contains("remote layer says hi"),
+        "ctr run: {stdout}\n{}",
+        containerd.log_text()
+    );
+
+    // Restart the snapshotter: the remote snapshot is mounted again (restore_remote).
+    snapshotter.shutdown().await;
+    let mountpoints = faasnet_snapshotter::snapshots::fsutil::mounts_under(&snap_root).unwrap();
+    assert_eq!(
+        mountpoints.len(),
+        1,
+        "the remote layer's mount: {mountpoints:?}"
+    );
+    let snapshotter = serve_in_process(&snap_root, &snap_sock).await;
+    // containerd's gRPC connection to the proxy reconnects with backoff: retry while it
+    // still reports the snapshotter unavailable.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut attempt = 0;
+    let out = loop {
+        attempt += 1;
+        let out = run(&format!("faasnet-remote-2-{attempt}"));
+        let unavailable = String::from_utf8_lossy(&out.stderr).contains("unavailable");
+        if out.status.success() || !unavailable || Instant::now() > deadline {
+            break out;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("remote layer says hi"),
+        "after restart: {}",
+        containerd.log_text()
+    );
+
+    // Removing it through containerd (metadata first; the backend snapshot goes at the
+    // next garbage collection, which `images rm --sync` runs) unmounts it
+    // (remove_remote) and deletes its directory.
+    let out = ctr(&["snapshots", "--snapshotter", "faasnet", "rm", &chain_id]);
+    assert!(out.status.success(), "rm: {}", containerd.log_text());
+    let out = ctr(&["images", "rm", "--sync", "docker.io/faasnet/busybox:test"]);
+    assert!(out.status.success(), "images rm: {}", containerd.log_text());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let left = loop {
+        let left = faasnet_snapshotter::snapshots::fsutil::mounts_under(&snap_root).unwrap();
+        if left.is_empty() || Instant::now() > deadline {
+            break left;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(left.is_empty(), "still mounted: {left:?}");
+    assert_eq!(
+        fs::read_dir(snap_root.join("snapshots")).unwrap().count(),
+        0
+    );
+
+    drop(c);
+    tokio::task::block_in_place(|| drop(containerd));
+    snapshotter.shutdown().await;
     detach_all_under(dir.path());
 }
