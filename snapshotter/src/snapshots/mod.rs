@@ -66,11 +66,16 @@ fn mkdir_mode(path: &Path, mode: u32) -> Result<()> {
 
 impl Overlay {
     /// Opens the snapshotter at `root`, creating `root` (0700), `root/snapshots` and the
-    /// metadata store if needed, and deletes orphaned directories left by a crash.
+    /// metadata store if needed, locks it against a second daemon, and deletes orphaned
+    /// directories left by a crash.
     pub fn open(root: &Path) -> Result<Self> {
-        fs::create_dir_all(root).map_err(|e| Error::io(format!("create {}", root.display()), e))?;
-        fs::set_permissions(root, fs::Permissions::from_mode(0o700))
-            .map_err(|e| Error::io(format!("chmod {}", root.display()), e))?;
+        if !root.is_dir() {
+            // 0700 as containerd's snapshotters; an existing root keeps its mode.
+            fs::create_dir_all(root)
+                .map_err(|e| Error::io(format!("create {}", root.display()), e))?;
+            fs::set_permissions(root, fs::Permissions::from_mode(0o700))
+                .map_err(|e| Error::io(format!("chmod {}", root.display()), e))?;
+        }
         let lock_path = root.join("lock");
         let lock_file = fs::OpenOptions::new()
             .create(true)
