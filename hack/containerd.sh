@@ -162,12 +162,28 @@ kill_tasks() {
 kill_shims() {
   local p args
   for p in /proc/[0-9]*; do
-    args="$(tr '\0' ' ' <"$p/cmdline" 2>/dev/null)" || continue
+    args="$(tr '\0' ' ' 2>/dev/null <"$p/cmdline")" || continue
     if [[ "$args" == *containerd-shim*" -address ${sock} "* ]]; then
       log "killing leftover shim ${p#/proc/}"
       kill -KILL "${p#/proc/}" 2>/dev/null || true
     fi
   done
+}
+
+# Containers whose shim died with containerd keep running; runc still knows them. Their bundle
+# lies under this instance's state dir.
+kill_orphan_containers() {
+  local rr id
+  shopt -s nullglob
+  for rr in /run/containerd/runc/*/; do
+    while IFS= read -r id; do
+      [[ -n "$id" ]] || continue
+      log "deleting orphaned container ${id} (runc root ${rr})"
+      runc --root "$rr" delete --force "$id" >/dev/null 2>&1 || log "runc delete ${id} failed"
+    done < <(runc --root "$rr" list --format json 2>/dev/null |
+      jq -r --arg s "${state}/" '.[]? | select(.bundle | startswith($s)) | .id' 2>/dev/null)
+  done
+  shopt -u nullglob
 }
 
 unmount_under() {
@@ -180,7 +196,7 @@ unmount_under() {
 }
 
 start() {
-  need_cmd containerd ctr runc
+  need_cmd containerd ctr runc jq
   mkdir -p "$root" "$state"
   chmod 0711 "$root" "$state"
   local new="${config}.new"
@@ -202,8 +218,7 @@ start() {
   fi
   mv "$new" "$config"
   rm -f "$sock" "${sock}.ttrpc"
-  setsid containerd --config "$config" >>"$logfile" 2>&1 </dev/null &
-  echo $! >"$pidfile"
+  launch_daemon "$logfile" "$logfile" containerd --config "$config" >"$pidfile"
   if ! wait_for "containerd ${name}" 30 answers; then
     tail -n 30 "$logfile" >&2 || true
     stop_pid "$pidfile"
@@ -221,6 +236,7 @@ stop() {
     rm -f "$pidfile"
   fi
   kill_shims
+  kill_orphan_containers
   unmount_under "$state"
   unmount_under "$root"
   rm -f "$sock" "${sock}.ttrpc"

@@ -78,7 +78,7 @@ ensure_registry() {
   local reg="$1"
   registry_answers "$reg" && return 0
   if [[ "$reg" =~ ^127\.0\.0\.1:([0-9]+)$ ]]; then
-    "${HACK_DIR}/registry.sh" start --port "${BASH_REMATCH[1]}" >&2
+    "${HACK_DIR}/registry.sh" start --port "${BASH_REMATCH[1]}" >&2 9>&-
   else
     die "registry ${reg} does not answer"
   fi
@@ -393,8 +393,9 @@ case "$cmd" in
     [[ "$(id -u)" == 0 ]] || die "build needs root (chroot, umoci unpack with owners)"
     resolve_names "${args[0]:-all}" >/dev/null
     mapfile -t names < <(resolve_names "${args[0]:-all}")
-    with_lock
+    # registry first: a daemon started while we hold the lock would inherit the lock's fd
     [[ "$PUSH" == 1 ]] && ensure_registry "$REGISTRY"
+    with_lock
     for n in "${names[@]}"; do
       build_one "$n"
       [[ "$PUSH" == 1 ]] && push_one "$n" "$REGISTRY"

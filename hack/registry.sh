@@ -129,8 +129,7 @@ start() {
   fi
   mv "$new" "$config"
   # docker-registry writes the access log to stdout and its own log to stderr.
-  setsid docker-registry serve "$config" >>"${dir}/access.log" 2>>"${dir}/registry.log" </dev/null &
-  echo $! >"$pidfile"
+  launch_daemon "${dir}/access.log" "${dir}/registry.log" docker-registry serve "$config" >"$pidfile"
   if ! wait_for "registry on ${url}" 15 answers; then
     tail -n 20 "${dir}/registry.log" >&2 || true
     stop_pid "$pidfile"

@@ -65,3 +65,22 @@ wait_for() {
   log "timed out after ${timeout}s waiting for ${what}"
   return 1
 }
+
+# launch_daemon STDOUT_FILE STDERR_FILE CMD...: starts CMD in its own session, detached from
+# our stdin and from every inherited descriptor above 2 (locks, pipes of the caller), with
+# its stdout and stderr appended to the two files. Prints its pid.
+launch_daemon() {
+  local out="$1" err="$2"
+  shift 2
+  (
+    local fd
+    for fd in /proc/self/fd/*; do
+      fd="${fd##*/}"
+      if [[ "$fd" =~ ^[0-9]+$ ]] && ((fd > 2)); then
+        eval "exec ${fd}>&-" 2>/dev/null || true
+      fi
+    done
+    exec setsid "$@" >>"$out" 2>>"$err" </dev/null
+  ) &
+  echo $!
+}
