@@ -112,6 +112,7 @@ timed() {
   cat "$WORK/$name.last" >>"$WORK/$name.times"
 }
 
+# shellcheck disable=SC2016 # $f expands in the inner bash
 run_zcat() { timed zcat bash -c 'for f; do zcat "$f"; done >/dev/null' _ "${LAYER_FILES[@]}"; }
 
 # run_convert NAME ARGS...: converts into a fresh layout (so no run finds the previous blobs).
@@ -139,6 +140,7 @@ median() {
 all_runs() { awk '{ printf "%s%s", sep, $1; sep = " / " }' "$1"; }
 
 declare -A WALL CPU MBPS
+# shellcheck disable=SC2016 # awk expressions
 for n in zcat convert convert-1; do
   WALL[$n]="$(median "$WORK/$n.times" '$1')"
   CPU[$n]="$(median "$WORK/$n.times" '$2 + $3')"
