@@ -166,7 +166,8 @@ case "$cmd" in
   wipe)
     stop_pid "$pidfile" 10
     [[ -n "$dir" && "$dir" != / ]] || die "refusing to wipe '$dir'"
-    rm -rf "${dir}/storage" "${dir}/access.log" "${dir}/registry.log"
+    rm -rf "${dir}/storage" "${dir}/access.log" "${dir}/registry.log" "$config" "${config}.new"
+    rmdir "$dir" 2>/dev/null || true
     log "wiped ${dir}"
     ;;
   -h | --help | help) usage 0 ;;
