@@ -41,6 +41,7 @@ usage() {
 
 CACHE="${FAASNET_IMAGES_CACHE:-${HACK_DIR}/.cache/images}"
 export SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-1700000000}"
+export PYTHONDONTWRITEBYTECODE=1
 ALL_IMAGES=(busybox tricky realistic)
 TAG=latest
 REALISTIC_SUITE=bookworm

@@ -30,6 +30,7 @@ import random
 import sys
 import tarfile
 
+sys.dont_write_bytecode = True  # no __pycache__ in hack/lib
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import oci_layout  # noqa: E402
 
