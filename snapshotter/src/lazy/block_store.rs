@@ -174,11 +174,14 @@ pub struct BlockStore {
     metrics: Arc<LazyMetrics>,
     flights: Mutex<Flights>,
     access: Mutex<AccessOrder>,
+    readahead: usize,
 }
 
 impl BlockStore {
     /// The store of `layer` with table of contents `toc`, cached in `disk`, fetched through
-    /// `chain`.
+    /// `chain`. A read also starts fetching the `readahead` blocks after the ones it needs
+    /// (sequential reads then overlap fetch latency instead of paying it block by block).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         layer: LayerRef,
         toc: Arc<Toc>,
@@ -187,6 +190,7 @@ impl BlockStore {
         mem: Arc<MemCache>,
         gate: Arc<FetchGate>,
         metrics: Arc<LazyMetrics>,
+        readahead: usize,
     ) -> Arc<Self> {
         let n = toc.blocks.len();
         Arc::new(BlockStore {
@@ -203,6 +207,7 @@ impl BlockStore {
                 seen: vec![false; n],
                 order: Vec::new(),
             }),
+            readahead,
         })
     }
 
@@ -384,6 +389,20 @@ impl BlockStore {
         });
     }
 
+    /// Starts fetching block `index` unless it is held or already in flight; nobody waits.
+    fn fetch_in_background(self: &Arc<Self>, index: usize) {
+        let mut f = self.flights.lock().unwrap();
+        if f.in_flight.contains_key(&index)
+            || f.unpersisted.contains_key(&index)
+            || self.disk.has(index)
+        {
+            return;
+        }
+        let entry = self.toc.blocks[index].clone();
+        // Dropping the handle does not cancel the fetch: it runs in its own task.
+        drop(self.start_fetch(&mut f, index, entry, Purpose::Prefetch));
+    }
+
     /// Prefetch at the root: fetches up to `max` consecutive missing blocks from `start` in
     /// one registry range request. Returns how many blocks it fetched (0 when `start` is
     /// already present or in flight).
@@ -466,6 +485,10 @@ impl BlockStore {
         let len = len.min(self.toc.tar_size.saturating_sub(offset) as usize);
         let range = self.toc.blocks_for_range(offset, len as u64);
         self.record_access(range.clone());
+        let ahead_end = (range.end + self.readahead).min(self.toc.blocks.len());
+        for j in range.end..ahead_end {
+            self.fetch_in_background(j);
+        }
         let blocks =
             futures::future::try_join_all(range.clone().map(|i| self.raw_block(i))).await?;
         let bs = self.toc.block_size as u64;

@@ -50,6 +50,8 @@ pub struct LayerOptions {
     pub prefetch_run_blocks: usize,
     /// FUSE threads per mount.
     pub fuse_threads: usize,
+    /// Blocks fetched ahead of each on-demand read (0: none).
+    pub readahead_blocks: usize,
 }
 
 impl Default for LayerOptions {
@@ -66,6 +68,7 @@ impl Default for LayerOptions {
             prefetch_concurrency: 4,
             prefetch_run_blocks: 8,
             fuse_threads: 4,
+            readahead_blocks: 4,
         }
     }
 }
@@ -211,6 +214,7 @@ impl LayerManager {
             self.mem.clone(),
             self.gate.clone(),
             self.metrics.clone(),
+            self.options.readahead_blocks,
         );
         let mut stores = self.stores.lock().unwrap();
         // Another caller may have opened it meanwhile: keep theirs.

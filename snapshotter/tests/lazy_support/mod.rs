@@ -258,16 +258,28 @@ pub fn convert(tar: &[u8]) -> (Vec<u8>, ConvertedLayer) {
     (blob, converted)
 }
 
-/// A layer manager with its own cache dir under `dir`.
+/// A layer manager with its own cache dir under `dir`, without read-ahead (tests count the
+/// blocks reads fetch).
 pub fn manager(dir: &Path, peer: bool, prefetch: bool) -> (Arc<LayerManager>, Arc<LazyMetrics>) {
+    manager_with(
+        dir,
+        LayerOptions {
+            peer_listen: peer.then(|| "127.0.0.1:0".parse().unwrap()),
+            prefetch,
+            readahead_blocks: 0,
+            ..LayerOptions::default()
+        },
+    )
+}
+
+/// A layer manager with `options`, its cache under `dir`.
+pub fn manager_with(dir: &Path, options: LayerOptions) -> (Arc<LayerManager>, Arc<LazyMetrics>) {
     let metrics = Arc::new(LazyMetrics::default());
     let m = LayerManager::new(
         LayerOptions {
             cache_dir: dir.join("cache"),
-            peer_listen: peer.then(|| "127.0.0.1:0".parse().unwrap()),
-            prefetch,
             stall_timeout: Duration::from_secs(2),
-            ..LayerOptions::default()
+            ..options
         },
         metrics.clone(),
     )
