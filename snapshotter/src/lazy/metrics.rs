@@ -144,3 +144,30 @@ impl LazyMetrics {
             .get()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registered_names() {
+        let m = LazyMetrics::default();
+        let mut r = Registry::with_prefix("faasnet_snapshotter");
+        m.register(r.sub_registry_with_prefix("lazy"));
+        m.obtained(Source::Peer, 100);
+        m.fetch_latency(Source::Registry, 0.01);
+        m.peer_fallbacks.inc();
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &r).unwrap();
+        for name in [
+            "faasnet_snapshotter_lazy_blocks_total{source=\"peer\"} 1",
+            "faasnet_snapshotter_lazy_bytes_total{source=\"peer\"} 100",
+            "faasnet_snapshotter_lazy_fetch_seconds_count{source=\"registry\"} 1",
+            "faasnet_snapshotter_lazy_peer_fallbacks_total 1",
+            "faasnet_snapshotter_lazy_served_blocks_total 0",
+        ] {
+            assert!(out.contains(name), "{name} missing from:\n{out}");
+        }
+        assert_eq!(m.blocks_from(Source::Peer), 1);
+    }
+}
