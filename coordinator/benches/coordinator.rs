@@ -7,7 +7,7 @@
 //!    flush -> answer, with the server running in this process.
 //!
 //! Run: `cargo bench -p faasnet-coordinator --bench coordinator`
-//! Knobs (env): BENCH_NODES (100000), BENCH_TREES (1000), BENCH_CONCURRENCY (64),
+//! Knobs (env): BENCH_NODES (100000), BENCH_TREES (1000), BENCH_CONCURRENCY (32),
 //! BENCH_CONNECTIONS (4), BENCH_DIR (sled directory's parent; default the system temp dir).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -52,11 +52,21 @@ fn addr(i: usize) -> String {
     format!("10.{}.{}.{}:7800", (i >> 16) & 255, (i >> 8) & 255, i & 255)
 }
 
+/// CPU time (user + system) used by this process so far.
+fn cpu_time() -> Duration {
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage only writes into the struct we pass.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
 /// Latencies of one phase.
 struct Phase {
     name: String,
     ops: usize,
     wall: Duration,
+    cpu: Duration,
     lat_us: Vec<u32>,
 }
 
@@ -71,7 +81,7 @@ impl Phase {
             self.lat_us[i.min(self.lat_us.len() - 1)] as f64 / 1000.0
         };
         println!(
-            "| {:<22} | {:>7} | {:>8.2} | {:>9.0} | {:>7.3} | {:>7.3} | {:>7.3} |",
+            "| {:<22} | {:>7} | {:>8.2} | {:>9.0} | {:>7.3} | {:>7.3} | {:>7.3} | {:>9.1} |",
             self.name,
             self.ops,
             self.wall.as_secs_f64(),
@@ -79,18 +89,19 @@ impl Phase {
             pct(0.50),
             pct(0.99),
             self.lat_us.last().map_or(f64::NAN, |&m| m as f64 / 1000.0),
+            self.cpu.as_secs_f64() * 1e6 / self.ops as f64,
         );
     }
 }
 
 fn header() {
     println!(
-        "| {:<22} | {:>7} | {:>8} | {:>9} | {:>7} | {:>7} | {:>7} |",
-        "phase", "ops", "wall s", "ops/s", "p50 ms", "p99 ms", "max ms"
+        "| {:<22} | {:>7} | {:>8} | {:>9} | {:>7} | {:>7} | {:>7} | {:>9} |",
+        "phase", "ops", "wall s", "ops/s", "p50 ms", "p99 ms", "max ms", "CPU µs/op"
     );
     println!(
-        "|{:-<24}|{:->9}|{:->10}|{:->11}|{:->9}|{:->9}|{:->9}|",
-        "", "", "", "", "", "", ""
+        "|{:-<24}|{:->9}|{:->10}|{:->11}|{:->9}|{:->9}|{:->9}|{:->11}|",
+        "", "", "", "", "", "", "", ""
     );
 }
 
@@ -102,6 +113,7 @@ where
 {
     let next = Arc::new(AtomicUsize::new(0));
     let op = Arc::new(op);
+    let cpu0 = cpu_time();
     let start = Instant::now();
     let mut tasks = Vec::new();
     for worker in 0..concurrency {
@@ -126,6 +138,7 @@ where
         name: name.to_string(),
         ops: order.len(),
         wall: start.elapsed(),
+        cpu: cpu_time() - cpu0,
         lat_us,
     }
 }
@@ -133,7 +146,7 @@ where
 fn main() {
     let nodes = env("BENCH_NODES", 100_000);
     let trees = env("BENCH_TREES", 1_000);
-    let concurrency = env("BENCH_CONCURRENCY", 64);
+    let concurrency = env("BENCH_CONCURRENCY", 32);
     let connections = env("BENCH_CONNECTIONS", 4).max(1);
     let base_dir = std::env::var("BENCH_DIR")
         .map(std::path::PathBuf::from)
@@ -156,6 +169,7 @@ fn main() {
         let rss0 = rss_bytes();
         let mut forest: Vec<FunctionTree<String>> =
             (0..trees).map(|_| FunctionTree::new()).collect();
+        let cpu0 = cpu_time();
         let t0 = Instant::now();
         for &i in join_order.iter() {
             forest[tree_of(i)].insert(node(i), addr(i)).unwrap();
@@ -168,15 +182,17 @@ fn main() {
         }
         let del = t1.elapsed();
         let total = nodes as f64 * 2.0 / (ins + del).as_secs_f64();
+        let cpu = cpu_time() - cpu0;
         println!(
-            "| {:<22} | {:>7} | {:>8.2} | {:>9.0} | {:>7} | {:>7} | {:>7} |",
+            "| {:<22} | {:>7} | {:>8.2} | {:>9.0} | {:>7} | {:>7} | {:>7} | {:>9.2} |",
             "tree: insert+remove",
             nodes * 2,
             (ins + del).as_secs_f64(),
             total,
             "-",
             "-",
-            "-"
+            "-",
+            cpu.as_secs_f64() * 1e6 / (nodes * 2) as f64
         );
         println!(
             "\nmemory, pure tree (id + addr strings, index): {:.0} bytes/node (RSS delta)\n",
@@ -225,6 +241,7 @@ fn main() {
             name: "forest: join+leave".into(),
             ops: join.ops + leave.ops,
             wall: join.wall + leave.wall,
+            cpu: join.cpu + leave.cpu,
             lat_us: [join.lat_us, leave.lat_us].concat(),
         };
         both.report();
@@ -287,6 +304,7 @@ fn main() {
             name: "grpc: join+leave".into(),
             ops: join.ops + leave.ops,
             wall: join.wall + leave.wall,
+            cpu: join.cpu + leave.cpu,
             lat_us: [join.lat_us, leave.lat_us].concat(),
         };
         both.report();

@@ -16,9 +16,32 @@ use prometheus_client::registry::Registry;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MethodLabels {
     /// RPC method name.
-    pub method: String,
+    pub method: &'static str,
     /// gRPC status code name ("ok" on success).
-    pub code: String,
+    pub code: &'static str,
+}
+
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "ok",
+        Cancelled => "Cancelled",
+        Unknown => "Unknown",
+        InvalidArgument => "InvalidArgument",
+        DeadlineExceeded => "DeadlineExceeded",
+        NotFound => "NotFound",
+        AlreadyExists => "AlreadyExists",
+        PermissionDenied => "PermissionDenied",
+        ResourceExhausted => "ResourceExhausted",
+        FailedPrecondition => "FailedPrecondition",
+        Aborted => "Aborted",
+        OutOfRange => "OutOfRange",
+        Unimplemented => "Unimplemented",
+        Internal => "Internal",
+        Unavailable => "Unavailable",
+        DataLoss => "DataLoss",
+        Unauthenticated => "Unauthenticated",
+    }
 }
 
 fn latency_histogram() -> Histogram {
@@ -116,16 +139,11 @@ impl Metrics {
     }
 
     /// Records one RPC.
-    pub fn observe_rpc(&self, method: &str, code: tonic::Code, elapsed: Duration) {
-        let code = if code == tonic::Code::Ok {
-            "ok".to_string()
-        } else {
-            format!("{code:?}")
-        };
+    pub fn observe_rpc(&self, method: &'static str, code: tonic::Code, elapsed: Duration) {
         self.rpc_latency
             .get_or_create(&MethodLabels {
-                method: method.to_string(),
-                code,
+                method,
+                code: code_name(code),
             })
             .observe(elapsed.as_secs_f64());
     }

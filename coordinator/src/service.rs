@@ -156,7 +156,7 @@ pub type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::Upstream, Status>> +
 
 #[tonic::async_trait]
 impl pb::coordinator_server::Coordinator for CoordinatorService {
-    #[tracing::instrument(skip_all, fields(tenant = %req.get_ref().tenant, node = %req.get_ref().node_id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(tenant = %req.get_ref().tenant, node = %req.get_ref().node_id))]
     async fn join(
         &self,
         req: Request<pb::JoinRequest>,
@@ -177,7 +177,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         .await
     }
 
-    #[tracing::instrument(skip_all, fields(tenant = %req.get_ref().tenant, node = %req.get_ref().node_id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(tenant = %req.get_ref().tenant, node = %req.get_ref().node_id))]
     async fn leave(
         &self,
         req: Request<pb::NodeRef>,
@@ -229,7 +229,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         .await
     }
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn report_bad_upstream(
         &self,
         req: Request<pb::BadUpstreamReport>,
@@ -258,7 +258,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
 
     type WatchStream = WatchStream;
 
-    #[tracing::instrument(skip_all, fields(tenant = %req.get_ref().tenant, node = %req.get_ref().node_id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(tenant = %req.get_ref().tenant, node = %req.get_ref().node_id))]
     async fn watch(&self, req: Request<pb::NodeRef>) -> Result<Response<WatchStream>, Status> {
         self.timed("watch", async {
             let r = req.get_ref();
@@ -332,7 +332,7 @@ impl pb::admin_server::Admin for CoordinatorService {
         .await
     }
 
-    #[tracing::instrument(skip_all, fields(tenant = %req.get_ref().tenant, node = %req.get_ref().node_id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(tenant = %req.get_ref().tenant, node = %req.get_ref().node_id))]
     async fn remove_node(
         &self,
         req: Request<pb::NodeRef>,

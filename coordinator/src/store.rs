@@ -7,8 +7,9 @@
 //! Callers acknowledge a change only after `sync` returns.
 //!
 //! Keys (NUL-separated; names never contain control characters, see `validate`):
-//! - `m\0<tenant>\0<function>` → [`TreeMeta`]
-//! - `n\0<tenant>\0<function>\0<node_id>` → [`NodeRecord`]
+//! - `m\0<tenant>\0<function>` → [`TreeMeta`]: epoch as 8 bytes little-endian
+//! - `n\0<tenant>\0<function>\0<node_id>` → [`NodeRecord`]: position as 8 bytes
+//!   little-endian, then the peer address (UTF-8)
 //!
 //! Leases are not written: after a restart every node gets a fresh lease (a grace
 //! period), because nodes could not heartbeat while the coordinator was down.
@@ -16,7 +17,6 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::upstream::TreeKey;
@@ -47,19 +47,52 @@ impl From<sled::Error> for StoreError {
 }
 
 /// Per-tree record.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TreeMeta {
     /// The tree's change counter; kept even when the tree empties, so epochs never go back.
     pub epoch: u64,
 }
 
 /// Per-node record.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeRecord {
     /// Position in the complete-binary-tree layout.
     pub position: u64,
     /// Peer address the node serves blocks on.
     pub addr: String,
+}
+
+impl TreeMeta {
+    fn encode(&self) -> Vec<u8> {
+        self.epoch.to_le_bytes().to_vec()
+    }
+
+    fn decode(raw: &[u8]) -> Result<Self, String> {
+        let epoch = raw.try_into().map_err(|_| "tree meta is not 8 bytes")?;
+        Ok(Self {
+            epoch: u64::from_le_bytes(epoch),
+        })
+    }
+}
+
+impl NodeRecord {
+    fn encode(position: u64, addr: &str) -> Vec<u8> {
+        let mut v = Vec::with_capacity(8 + addr.len());
+        v.extend_from_slice(&position.to_le_bytes());
+        v.extend_from_slice(addr.as_bytes());
+        v
+    }
+
+    fn decode(raw: &[u8]) -> Result<Self, String> {
+        if raw.len() < 8 {
+            return Err("node record shorter than 8 bytes".into());
+        }
+        let (pos, addr) = raw.split_at(8);
+        Ok(Self {
+            position: u64::from_le_bytes(pos.try_into().expect("8 bytes")),
+            addr: String::from_utf8(addr.to_vec()).map_err(|e| e.to_string())?,
+        })
+    }
 }
 
 /// One tree as loaded at startup, nodes in position order.
@@ -247,14 +280,14 @@ impl Store {
         for item in self.db.scan_prefix(b"m\0") {
             let (k, v) = item?;
             let parts = split_key(&k, 2)?;
-            let meta: TreeMeta = serde_json::from_slice(&v).map_err(|e| corrupt(&k, e))?;
+            let meta = TreeMeta::decode(&v).map_err(|e| corrupt(&k, e))?;
             let key = TreeKey::new(parts[0].clone(), parts[1].clone());
             trees.entry(key).or_default().0 = meta.epoch;
         }
         for item in self.db.scan_prefix(b"n\0") {
             let (k, v) = item?;
             let parts = split_key(&k, 3)?;
-            let rec: NodeRecord = serde_json::from_slice(&v).map_err(|e| corrupt(&k, e))?;
+            let rec = NodeRecord::decode(&v).map_err(|e| corrupt(&k, e))?;
             let key = TreeKey::new(parts[0].clone(), parts[1].clone());
             trees
                 .entry(key)
@@ -283,8 +316,7 @@ impl Store {
         match self.db.get(meta_key(key))? {
             None => Ok(None),
             Some(v) => {
-                let meta: TreeMeta =
-                    serde_json::from_slice(&v).map_err(|e| corrupt(&meta_key(key), e))?;
+                let meta = TreeMeta::decode(&v).map_err(|e| corrupt(&meta_key(key), e))?;
                 Ok(Some(meta.epoch))
             }
         }
@@ -295,19 +327,15 @@ impl Store {
     /// nor even visible to reads, until [`Store::sync`] returns.
     pub fn write(&self, key: &TreeKey, w: &Write<'_>) -> Result<(), StoreError> {
         let mut ops: Ops = Vec::with_capacity(1 + w.put.len() + w.remove.len());
-        let meta = serde_json::to_vec(&TreeMeta { epoch: w.epoch }).expect("encode meta");
+        let meta = TreeMeta { epoch: w.epoch }.encode();
         ops.push((meta_key(key), Some(meta)));
         for node in &w.remove {
             ops.push((node_key(key, node), None));
         }
         for (node, position, addr) in &w.put {
-            let rec = NodeRecord {
-                position: *position as u64,
-                addr: (*addr).to_string(),
-            };
             ops.push((
                 node_key(key, node),
-                Some(serde_json::to_vec(&rec).expect("encode node")),
+                Some(NodeRecord::encode(*position as u64, addr)),
             ));
         }
         self.send(Msg::Write(ops))
