@@ -4,7 +4,7 @@
 #
 # Usage:
 #   hack/bench/convert.sh [--image NAME] [--runs N] [--threads N] [--no-build] [--no-doc]
-#                         [--doc FILE]
+#                         [--doc FILE] [--converter PATH]
 #
 # In one run, RUNS times each, interleaved, all inputs in the page cache (warm):
 #   zcat       `zcat` of every gzip layer of the image > /dev/null (one process per layer,
@@ -21,6 +21,10 @@
 # docs/benchmarks-convert.md (between the bench:convert markers; the rest of the file, the
 # hand-written reading of the results, is kept).
 #
+# --converter PATH benchmarks another image-converter binary (e.g. one built with another
+# flate2 backend in a copy of the tree); it implies --no-build, and --no-doc unless --doc is
+# given.
+#
 # Environment: FAASNET_IMAGES_CACHE (default /var/cache/faasnet/images, as hack/test.sh),
 # TMPDIR for the converted layouts. Needs jq, gzip, /usr/bin/time (package `time`), cargo.
 set -euo pipefail
@@ -34,23 +38,27 @@ usage() {
 }
 
 IMAGE=realistic
+CONVERTER=""
 RUNS=3
 THREADS="$(nproc)"
 BUILD=1
 DOC="${REPO_ROOT}/docs/benchmarks-convert.md"
 WRITE_DOC=1
+DOC_GIVEN=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --image) IMAGE="${2:?--image needs a value}"; shift 2 ;;
     --runs) RUNS="${2:?--runs needs a value}"; shift 2 ;;
     --threads) THREADS="${2:?--threads needs a value}"; shift 2 ;;
     --no-build) BUILD=0; shift ;;
-    --doc) DOC="${2:?--doc needs a value}"; shift 2 ;;
+    --converter) CONVERTER="${2:?--converter needs a path}"; BUILD=0; shift 2 ;;
+    --doc) DOC="${2:?--doc needs a value}"; DOC_GIVEN=1; shift 2 ;;
     --no-doc) WRITE_DOC=0; shift ;;
     -h | --help) usage 0 ;;
     *) log "unknown argument '$1'"; usage ;;
   esac
 done
+[[ -n "$CONVERTER" && "$DOC_GIVEN" == 0 ]] && WRITE_DOC=0
 [[ "$RUNS" =~ ^[1-9][0-9]*$ ]] || die "--runs must be a positive number"
 [[ "$THREADS" =~ ^[1-9][0-9]*$ ]] || die "--threads must be a positive number"
 
@@ -60,7 +68,13 @@ export FAASNET_IMAGES_CACHE="${FAASNET_IMAGES_CACHE:-/var/cache/faasnet/images}"
 
 # --- inputs ---------------------------------------------------------------------------------
 
-CONVERTER="${REPO_ROOT}/target/release/image-converter"
+CUSTOM_CONVERTER=0
+if [[ -z "$CONVERTER" ]]; then
+  CONVERTER="${REPO_ROOT}/target/release/image-converter"
+else
+  CUSTOM_CONVERTER=1
+  CONVERTER="$(realpath "$CONVERTER")"
+fi
 if [[ "$BUILD" == 1 ]]; then
   log "cargo build --release -p faasnet-image-converter"
   (cd "$REPO_ROOT" && cargo build --release --quiet -p faasnet-image-converter)
@@ -139,12 +153,13 @@ median() {
 }
 all_runs() { awk '{ printf "%s%s", sep, $1; sep = " / " }' "$1"; }
 
-declare -A WALL CPU MBPS
+declare -A WALL CPU MBPS MBCPU
 # shellcheck disable=SC2016 # awk expressions
 for n in zcat convert convert-1; do
   WALL[$n]="$(median "$WORK/$n.times" '$1')"
   CPU[$n]="$(median "$WORK/$n.times" '$2 + $3')"
   MBPS[$n]="$(awk -v b="$TOTAL_UNCOMPRESSED" -v t="${WALL[$n]}" 'BEGIN { printf "%.1f", b / t / 1e6 }')"
+  MBCPU[$n]="$(awk -v b="$TOTAL_UNCOMPRESSED" -v t="${CPU[$n]}" 'BEGIN { printf "%.1f", b / t / 1e6 }')"
 done
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 
@@ -166,11 +181,15 @@ report() {
   echo "* Machine: $(nproc) cores, ${CPU_MODEL:-unknown CPU}, $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo) RAM, $(uname -r)."
   echo "* Load average (1/5/15 min) before: ${LOAD_BEFORE}, after: ${LOAD_AFTER} (the machine is shared)."
   echo "* Image: \`${IMAGE}\` ($(basename "$LAYOUT")), ${#LAYER_FILES[@]} gzip layers, ${TOTAL_UNCOMPRESSED} bytes of uncompressed tar; inputs in the page cache."
-  echo "* Converter: release build, gzip via flate2 $(cd "$REPO_ROOT" && cargo tree -p faasnet-image-converter -i flate2 -e features --prefix none 2>/dev/null | grep -o 'feature "\(miniz_oxide\|zlib-rs\|zlib\|zlib-ng\|zlib-ng-compat\|cloudflare_zlib\)"' | sort -u | tr '\n' ' ' || echo '?')backend."
+  if [[ "$CUSTOM_CONVERTER" == 1 ]]; then
+    echo "* Converter: ${CONVERTER} (given with --converter)."
+  else
+    echo "* Converter: release build, gzip via flate2 $(cd "$REPO_ROOT" && cargo tree -p faasnet-image-converter -i flate2 -e features --prefix none 2>/dev/null | grep -o 'feature "\(miniz_oxide\|zlib-rs\|zlib\|zlib-ng\|zlib-ng-compat\|cloudflare_zlib\)"' | sort -u | tr '\n' ' ' || echo '?')backend."
+  fi
   echo "* ${RUNS} runs of each, interleaved; medians. MB/s = uncompressed tar bytes / wall time / 10^6. CPU = user + sys seconds."
   echo
-  echo "| what | wall (s), median | runs (s) | MB/s of tar | CPU (s) | CPU / wall | vs zcat |"
-  echo "|---|---:|---|---:|---:|---:|---:|"
+  echo "| what | wall (s), median | runs (s) | MB/s of tar | vs zcat | CPU (s) | CPU / wall | MB per CPU-s | vs zcat |"
+  echo "|---|---:|---|---:|---:|---:|---:|---:|---:|"
   local n label
   for n in zcat convert convert-1; do
     case "$n" in
@@ -178,11 +197,12 @@ report() {
       convert) label="\`image-converter convert\` (--threads ${THREADS}, default --jobs)" ;;
       convert-1) label="\`image-converter convert --threads 1 --jobs 1\`" ;;
     esac
-    printf '| %s | %s | %s | %s | %s | %s | %sx |\n' "$label" "${WALL[$n]}" "$(all_runs "$WORK/$n.times")" \
-      "${MBPS[$n]}" "${CPU[$n]}" "$(ratio "${CPU[$n]}" "${WALL[$n]}")" "$(ratio "${MBPS[$n]}" "${MBPS[zcat]}")"
+    printf '| %s | %s | %s | %s | %sx | %s | %s | %s | %sx |\n' "$label" "${WALL[$n]}" "$(all_runs "$WORK/$n.times")" \
+      "${MBPS[$n]}" "$(ratio "${MBPS[$n]}" "${MBPS[zcat]}")" "${CPU[$n]}" "$(ratio "${CPU[$n]}" "${WALL[$n]}")" \
+      "${MBCPU[$n]}" "$(ratio "${MBCPU[$n]}" "${MBCPU[zcat]}")"
   done
   echo
-  echo "Throughput ratio converter / zcat: **$(ratio "${MBPS[convert]}" "${MBPS[zcat]}")x** with ${THREADS} threads (target >= 0.8x), $(ratio "${MBPS[convert-1]}" "${MBPS[zcat]}")x on one core."
+  echo "Throughput ratio converter / zcat (wall): **$(ratio "${MBPS[convert]}" "${MBPS[zcat]}")x** with ${THREADS} threads (target >= 0.8x), $(ratio "${MBPS[convert-1]}" "${MBPS[zcat]}")x with one compression thread and one layer at a time. Per CPU-second (work done per unit of CPU, independent of parallelism and less sensitive to load): $(ratio "${MBCPU[convert]}" "${MBCPU[zcat]}")x."
   echo
   echo "| layer | tar bytes | gzip bytes | converted bytes | converted / gzip | blocks |"
   echo "|---|---:|---:|---:|---:|---:|"
