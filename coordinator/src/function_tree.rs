@@ -223,6 +223,60 @@ impl<T> FunctionTree<T> {
         Ok((removed.data, delta))
     }
 
+    /// Number of children of `id` (0, 1 or 2).
+    pub fn children_count(&self, id: &str) -> Option<usize> {
+        let pos = self.position(id)?;
+        Some(
+            [2 * pos + 1, 2 * pos + 2]
+                .iter()
+                .filter(|&&c| c < self.slots.len())
+                .count(),
+        )
+    }
+
+    /// Swaps a node with its parent, keeping the shape (so the balance bound holds). This
+    /// is the primitive for placement beyond the paper: moving a VM that is busy serving
+    /// children in other trees down to a leaf here, and a less loaded one up. At most five
+    /// nodes are told: the two swapped, the sibling, and the children of the lower slot.
+    pub fn swap_with_parent(&mut self, id: &str) -> Result<Delta, TreeError> {
+        let pos = self
+            .position(id)
+            .ok_or_else(|| TreeError::NotFound(id.to_string()))?;
+        let Some(up) = parent_pos(pos) else {
+            // The root has no parent: nothing to do.
+            return Ok(Delta::default());
+        };
+        let n = self.slots.len();
+        let affected: Vec<usize> = [up, pos, 2 * up + 1, 2 * up + 2, 2 * pos + 1, 2 * pos + 2]
+            .into_iter()
+            .filter(|&p| p < n)
+            .collect();
+        let parent_id = |t: &Self, p: usize| parent_pos(p).map(|q| t.slots[q].id.clone());
+        let before: HashMap<String, Option<String>> = affected
+            .iter()
+            .map(|&p| (self.slots[p].id.clone(), parent_id(self, p)))
+            .collect();
+        self.slots.swap(up, pos);
+        self.index.insert(self.slots[up].id.clone(), up);
+        self.index.insert(self.slots[pos].id.clone(), pos);
+        let mut delta = Delta {
+            changes: Vec::new(),
+            placed: vec![
+                (self.slots[up].id.clone(), up),
+                (self.slots[pos].id.clone(), pos),
+            ],
+        };
+        let mut seen = std::collections::HashSet::new();
+        for &p in &affected {
+            let node = self.slots[p].id.clone();
+            let parent = parent_id(self, p);
+            if seen.insert(node.clone()) && before.get(&node) != Some(&parent) {
+                delta.changes.push(UpstreamChange { node, parent });
+            }
+        }
+        Ok(delta)
+    }
+
     /// An indented drawing of the tree, one node per line, labelled by `label`.
     pub fn draw(&self, label: impl Fn(&str, &T) -> String) -> String {
         let mut out = String::new();

@@ -10,6 +10,7 @@ enum Op {
     Insert(u16),
     Remove(prop::sample::Index),
     RemoveMissing(u16),
+    Swap(prop::sample::Index),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -17,6 +18,7 @@ fn op() -> impl Strategy<Value = Op> {
         5 => (0..200u16).prop_map(Op::Insert),
         4 => any::<prop::sample::Index>().prop_map(Op::Remove),
         1 => (1000..1010u16).prop_map(Op::RemoveMissing),
+        2 => any::<prop::sample::Index>().prop_map(Op::Swap),
     ]
 }
 
@@ -117,6 +119,11 @@ proptest! {
                     t.remove(&id).map(|(_, d)| d)
                 }
                 Op::RemoveMissing(i) => t.remove(&format!("vm{i}")).map(|(_, d)| d),
+                Op::Swap(ix) => {
+                    if t.is_empty() { continue; }
+                    let id = t.at(ix.index(t.len())).unwrap().0.to_string();
+                    t.swap_with_parent(&id)
+                }
             };
             let after = parents(&t);
             match result {
@@ -128,6 +135,10 @@ proptest! {
                         Op::Insert(_) => {
                             prop_assert_eq!(after.len(), before.len() + 1);
                             prop_assert_eq!(delta.changes.len(), 1);
+                        }
+                        Op::Swap(_) => {
+                            prop_assert_eq!(after.len(), before.len());
+                            prop_assert!(delta.changes.len() <= 5);
                         }
                         _ => {
                             prop_assert_eq!(after.len() + 1, before.len());
