@@ -83,6 +83,13 @@ async fn read_all_and_compare(mnt: &Path, files: &HashMap<String, Vec<u8>>) {
     .unwrap();
 }
 
+async fn wait_for(cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !cond() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Blocks that hold file data (those a full read touches).
 fn data_blocks(c: &ConvertedLayer) -> usize {
     let mut set = std::collections::BTreeSet::new();
@@ -114,6 +121,8 @@ async fn child_gets_every_block_from_its_parent() {
     assert_eq!(bm.peer_fallbacks.get(), 0);
     assert_eq!(up_b.failures(), 0);
     assert_eq!(am.blocks_from(Source::Registry), n);
+    // Counted once the server's write returns, which may be just after B's read did.
+    wait_for(|| am.served_blocks.get() == n).await;
     assert_eq!(am.served_blocks.get(), n);
     // Registry: one range request per block, plus one tail (TOC) request per node.
     assert_eq!(
@@ -133,6 +142,7 @@ async fn child_gets_every_block_from_its_parent() {
     .unwrap();
     read_all_and_compare(&mnt_c, &s.files).await;
     assert_eq!(cm.blocks_from(Source::Peer), n);
+    wait_for(|| bm.served_blocks.get() == n).await;
     assert_eq!(bm.served_blocks.get(), n);
     assert_eq!(
         bm.blocks_from(Source::Cache),
@@ -363,5 +373,6 @@ async fn peer_server_refuses_unknown_layers_and_bad_indices() {
     let b = client.fetch(&s.layer, 0, &e0).await.unwrap();
     assert_eq!(&b[..], &s.blob[..e0.stored_len as usize]);
     assert_eq!(am.serve_errors.get(), 2);
+    wait_for(|| am.served_blocks.get() == 1).await;
     assert_eq!(am.served_blocks.get(), 1);
 }

@@ -88,6 +88,28 @@ impl LayerOptions {
     }
 }
 
+/// A TOC saved by [`save_toc`], if it is there and still valid.
+fn load_toc(path: &Path) -> Option<Toc> {
+    let text = std::fs::read(path).ok()?;
+    let toc: Toc = serde_json::from_slice(&text).ok()?;
+    // Same checks as a TOC from a blob: a damaged file is refetched, not trusted.
+    toc.validate(toc.stored_size()).ok()?;
+    Some(toc)
+}
+
+/// Saves a TOC atomically (temp file, fsync, rename).
+fn save_toc(path: &Path, toc: &Toc) -> std::io::Result<()> {
+    use std::io::Write;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&serde_json::to_vec(toc).map_err(std::io::Error::other)?)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
 struct Mounted {
     mount: LayerMount,
     prefetch: Option<tokio::task::JoinHandle<PrefetchReport>>,
@@ -160,12 +182,37 @@ impl LayerManager {
     }
 
     /// The TOC of `layer` (fetched once, then remembered).
+    ///
+    /// TOCs are also kept on disk (`<cache_dir>/tocs/<hex>.json`), so that remounting a
+    /// layer after a restart needs no registry request at all.
     pub async fn toc(&self, layer: &LayerRef, blob_size: Option<u64>) -> Result<Arc<Toc>> {
         if let Some(toc) = self.tocs.lock().unwrap().get(&layer.digest) {
             return Ok(toc.clone());
         }
-        let fetched = self.registry.fetch_toc(layer, blob_size).await?;
-        let toc = Arc::new(fetched.toc);
+        let path = self
+            .options
+            .cache_dir
+            .join("tocs")
+            .join(format!("{}.json", layer.digest_hex()));
+        let saved = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || load_toc(&path))
+                .await
+                .ok()
+                .flatten()
+        };
+        let toc = match saved {
+            Some(toc) => Arc::new(toc),
+            None => {
+                let toc = Arc::new(self.registry.fetch_toc(layer, blob_size).await?.toc);
+                let (toc2, path2) = (toc.clone(), path.clone());
+                let saved = tokio::task::spawn_blocking(move || save_toc(&path2, &toc2)).await;
+                if let Ok(Err(e)) = saved {
+                    warn!(path = %path.display(), error = %e, "cannot save TOC");
+                }
+                toc
+            }
+        };
         self.tocs
             .lock()
             .unwrap()
