@@ -144,6 +144,33 @@ impl Default for CoordinatorConfig {
     }
 }
 
+impl CoordinatorConfig {
+    /// The tenant token: `token`, else the contents of `token_file`, else empty.
+    pub fn resolved_token(&self) -> Result<String, ConfigError> {
+        if let Some(t) = &self.token {
+            return Ok(t.clone());
+        }
+        match &self.token_file {
+            Some(path) => std::fs::read_to_string(path)
+                .map(|t| t.trim().to_string())
+                .map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                }),
+            None => Ok(String::new()),
+        }
+    }
+
+    /// This node's id: `node_id`, else the hostname.
+    pub fn resolved_node_id(&self) -> String {
+        self.node_id.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "localhost".to_string())
+        })
+    }
+}
+
 impl Config {
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {

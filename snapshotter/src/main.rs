@@ -12,6 +12,7 @@ use anyhow::Context;
 use clap::Parser;
 use faasnet_snapshotter::{
     config::{Config, DEFAULT_CONFIG_PATH},
+    lazy::{metrics::LazyMetrics, LazyRemoteLayers},
     metrics::{Endpoint, Metrics},
     service::{serve, Service},
     snapshots::Overlay,
@@ -64,14 +65,18 @@ fn load_config(args: &Args) -> anyhow::Result<Config> {
     Ok(config)
 }
 
-/// The lazy path plugs in here: build its [`RemoteLayers`] from `config.lazy` and
-/// `config.coordinator`, registering its metrics into `metrics`. Until then every layer
-/// takes the ordinary path.
-fn remote_layers(config: &Config, _metrics: &Metrics) -> anyhow::Result<Arc<dyn RemoteLayers>> {
-    if config.lazy.enabled {
-        tracing::debug!("lazy path not built into this snapshotter: all layers are unpacked");
+/// The lazy path: converted layers mounted through FUSE and fed from cache, upstream peer
+/// or registry (`[lazy]`, `[coordinator]`). Disabled: every layer is unpacked.
+fn remote_layers(config: &Config, metrics: &Metrics) -> anyhow::Result<Arc<dyn RemoteLayers>> {
+    if !config.lazy.enabled {
+        tracing::info!("lazy path disabled (lazy.enabled = false): all layers are unpacked");
+        return Ok(Arc::new(NoRemoteLayers));
     }
-    Ok(Arc::new(NoRemoteLayers))
+    let lazy_metrics = Arc::new(LazyMetrics::default());
+    metrics.with_registry(|r| lazy_metrics.register(r.sub_registry_with_prefix("lazy")));
+    let remote = LazyRemoteLayers::from_config(config, lazy_metrics)
+        .context("starting the lazy path (config tables [lazy] and [coordinator])")?;
+    Ok(Arc::new(remote))
 }
 
 async fn shutdown_signal() {

@@ -339,7 +339,10 @@ async fn mount_read_compare_overlay_and_remount_from_cache() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn not_our_format_takes_the_ordinary_path() {
-    use faasnet_snapshotter::{lazy::LazyRemoteLayers, RemoteLayers};
+    use faasnet_snapshotter::{
+        lazy::{remote::Upstreams, LazyRemoteLayers},
+        RemoteLayers,
+    };
     let registry = Registry::start();
     let (tar, _) = test_tar();
     let digest = registry.push_blob(REPO, &tar).await; // a plain tar, not converted
@@ -347,10 +350,7 @@ async fn not_our_format_takes_the_ordinary_path() {
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
     let (manager, _) = manager(dir.path(), false, false);
-    let remote = LazyRemoteLayers::new(
-        manager.clone(),
-        std::sync::Arc::new(|_, _| StaticUpstream::root() as _),
-    );
+    let remote = LazyRemoteLayers::new(manager.clone(), Upstreams::Registry);
     let mut labels = HashMap::new();
     labels.insert(
         "containerd.io/snapshot/remote/stargz.reference".to_string(),

@@ -32,6 +32,7 @@ use std::fmt;
 pub mod block_cache;
 pub mod block_source;
 pub mod block_store;
+pub mod function_trees;
 pub mod fuse_fs;
 pub mod layer_manager;
 pub mod metrics;

@@ -14,7 +14,7 @@ use faasnet_format::{
 use reqwest::{header, Method, StatusCode};
 use tracing::debug;
 
-use super::{block_source::BlockSource, LayerRef, LazyError, Result};
+use super::{block_source::BlockSource, remote::ImageRef, LayerRef, LazyError, Result};
 
 /// How to reach registries.
 #[derive(Clone, Debug, Default)]
@@ -89,7 +89,7 @@ impl RegistrySource {
         )
     }
 
-    /// Sends a request, doing the token dance once on a 401 Bearer challenge.
+    /// Sends a request for blob `layer`, doing the token dance once on a 401 challenge.
     async fn send(
         &self,
         layer: &LayerRef,
@@ -97,17 +97,38 @@ impl RegistrySource {
         range: Option<(u64, u64)>,
     ) -> Result<reqwest::Response> {
         let url = self.blob_url(layer);
-        let key = format!("{}/{}", layer.registry, layer.repository);
+        let range = range.map(|(start, end)| format!("bytes={start}-{end}"));
+        self.send_url(
+            &url,
+            &layer.registry,
+            &layer.repository,
+            method,
+            |req| match &range {
+                Some(r) => req.header(header::RANGE, r),
+                None => req,
+            },
+        )
+        .await
+    }
+
+    /// Sends a request to `url` of `registry`/`repository`, doing the token dance once on a
+    /// 401 Bearer challenge; `decorate` adds headers.
+    async fn send_url(
+        &self,
+        url: &str,
+        registry: &str,
+        repository: &str,
+        method: Method,
+        decorate: impl Fn(reqwest::RequestBuilder) -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response> {
+        let key = format!("{registry}/{repository}");
         for attempt in 0..2 {
-            let mut req = self.client.request(method.clone(), &url);
-            if let Some((start, end)) = range {
-                req = req.header(header::RANGE, format!("bytes={start}-{end}"));
-            }
+            let mut req = decorate(self.client.request(method.clone(), url));
             if let Some(token) = self.tokens.lock().unwrap().get(&key) {
                 req = req.bearer_auth(token);
             }
             let resp = req.send().await.map_err(|e| LazyError::Registry {
-                url: url.clone(),
+                url: url.to_string(),
                 reason: e.to_string(),
             })?;
             if resp.status() == StatusCode::UNAUTHORIZED && attempt == 0 {
@@ -117,7 +138,7 @@ impl RegistrySource {
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or_default()
                     .to_string();
-                if let Some(token) = self.fetch_token(&challenge, &layer.repository).await? {
+                if let Some(token) = self.fetch_token(&challenge, repository).await? {
                     self.tokens.lock().unwrap().insert(key.clone(), token);
                     continue;
                 }
@@ -125,6 +146,51 @@ impl RegistrySource {
             return Ok(resp);
         }
         unreachable!("the loop returns on its second attempt")
+    }
+
+    /// The digest of the manifest `image` names (a HEAD request, unless the reference
+    /// already pins a digest). It identifies the image's function tree.
+    pub async fn manifest_digest(&self, image: &ImageRef) -> Result<String> {
+        if let Some((_, digest)) = image.reference.rsplit_once('@') {
+            return Ok(digest.to_string());
+        }
+        let tag = image
+            .reference
+            .rsplit_once(':')
+            .filter(|(_, t)| !t.contains('/'))
+            .map_or("latest", |(_, t)| t);
+        let url = format!(
+            "{}/v2/{}/manifests/{tag}",
+            self.base_url(&image.registry),
+            image.repository
+        );
+        let accept = "application/vnd.oci.image.index.v1+json, \
+                      application/vnd.oci.image.manifest.v1+json, \
+                      application/vnd.docker.distribution.manifest.list.v2+json, \
+                      application/vnd.docker.distribution.manifest.v2+json";
+        let resp = self
+            .send_url(
+                &url,
+                &image.registry,
+                &image.repository,
+                Method::HEAD,
+                |r| r.header(header::ACCEPT, accept),
+            )
+            .await?;
+        if !resp.status().is_success() {
+            return Err(LazyError::Registry {
+                url,
+                reason: format!("HEAD manifest answered {}", resp.status()),
+            });
+        }
+        resp.headers()
+            .get("Docker-Content-Digest")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+            .ok_or(LazyError::Registry {
+                url,
+                reason: "manifest answer has no Docker-Content-Digest header".into(),
+            })
     }
 
     /// Gets an anonymous token for a `Bearer` challenge; `None` if it is not one.

@@ -12,6 +12,7 @@ use tracing::{debug, info};
 
 use super::{
     block_source::{StaticUpstream, UpstreamProvider},
+    function_trees::FunctionTrees,
     layer_manager::{LayerManager, LayerOptions},
     metrics::LazyMetrics,
     LayerRef, LazyError, Result,
@@ -123,33 +124,63 @@ impl RemoteLayerLabels {
     }
 }
 
-/// Chooses the upstream of an image's function tree. The default is the registry (no tree);
-/// the coordinator-backed one joins the image's tree and follows its parent.
-pub type UpstreamFactory =
-    Arc<dyn Fn(&ImageRef, &LayerRef) -> Arc<dyn UpstreamProvider> + Send + Sync>;
+/// Where the lazily mounted layers of an image get their blocks from, besides the cache.
+#[derive(Clone)]
+pub enum Upstreams {
+    /// No function tree: every node reads the registry (on-demand loading).
+    Registry,
+    /// The coordinator's function trees: the tree's root reads the registry, every other
+    /// node its parent.
+    Trees(Arc<FunctionTrees>),
+}
 
 /// [`RemoteLayers`] backed by a [`LayerManager`].
 pub struct LazyRemoteLayers {
     manager: Arc<LayerManager>,
-    upstreams: UpstreamFactory,
+    upstreams: Upstreams,
 }
 
 impl LazyRemoteLayers {
     /// Over `manager`, with upstreams from `upstreams`.
-    pub fn new(manager: Arc<LayerManager>, upstreams: UpstreamFactory) -> Self {
+    pub fn new(manager: Arc<LayerManager>, upstreams: Upstreams) -> Self {
         LazyRemoteLayers { manager, upstreams }
     }
 
-    /// The daemon's lazy path from its configuration (`[lazy]`), with every node fetching
-    /// from the registry (no function tree yet). Register `metrics` into the daemon's
-    /// registry first: `metrics.register(r.sub_registry_with_prefix("lazy"))`. Must be called
-    /// within a multi-threaded tokio runtime (the peer server starts listening).
+    /// The daemon's lazy path from its configuration: `[lazy]` for the cache and peer
+    /// server, `[coordinator]` for the function trees (none configured: registry only).
+    /// Register `metrics` into the daemon's registry first. Must be called within a
+    /// multi-threaded tokio runtime (the peer server starts listening).
     pub fn from_config(config: &crate::config::Config, metrics: Arc<LazyMetrics>) -> Result<Self> {
         let manager = LayerManager::new(LayerOptions::from_config(config), metrics)?;
-        Ok(Self::new(
-            manager,
-            Arc::new(|_, _| StaticUpstream::root() as Arc<dyn UpstreamProvider>),
-        ))
+        let upstreams = match &config.coordinator.endpoint {
+            None => Upstreams::Registry,
+            Some(endpoint) => {
+                let c = &config.coordinator;
+                let token = c
+                    .resolved_token()
+                    .map_err(|e| LazyError::InvalidInput(format!("coordinator token: {e}")))?;
+                let node_id = c.resolved_node_id();
+                let advertise = match &config.lazy.peer_advertise {
+                    Some(a) => a.clone(),
+                    None => manager
+                        .peer_addr()
+                        .filter(|a| !a.ip().is_unspecified())
+                        .map(|a| a.to_string())
+                        .ok_or_else(|| {
+                            LazyError::InvalidInput(
+                                "lazy.peer_listen is a wildcard address: set lazy.peer_advertise \
+                                 to the address other VMs reach this one at"
+                                    .into(),
+                            )
+                        })?,
+                };
+                let trees = FunctionTrees::new(endpoint, &c.tenant, &token, &node_id, &advertise)
+                    .map_err(|e| LazyError::InvalidInput(e.to_string()))?;
+                info!(endpoint, node = %node_id, peer = %advertise, "function trees from the coordinator");
+                Upstreams::Trees(trees)
+            }
+        };
+        Ok(Self::new(manager, upstreams))
     }
 
     /// The manager.
@@ -158,10 +189,33 @@ impl LazyRemoteLayers {
     }
 
     async fn mount(&self, l: &RemoteLayerLabels, mountpoint: &Path) -> Result<()> {
-        let upstream = (self.upstreams)(&l.image, &l.layer);
-        self.manager
+        let upstream: Arc<dyn UpstreamProvider> = match &self.upstreams {
+            Upstreams::Registry => StaticUpstream::root(),
+            Upstreams::Trees(trees) => {
+                // Only converted layers join a tree: check the format (the TOC, which the
+                // mount needs anyway) before telling the coordinator anything.
+                self.manager.toc(&l.layer, l.blob_size).await?;
+                let function = self.manager.registry().manifest_digest(&l.image).await?;
+                trees
+                    .acquire(&function, mountpoint)
+                    .await
+                    .map_err(|e| LazyError::InvalidInput(format!("function tree: {e}")))?
+            }
+        };
+        let mounted = self
+            .manager
             .mount(&l.layer, l.blob_size, upstream, mountpoint)
-            .await
+            .await;
+        if mounted.is_err() {
+            self.release(mountpoint).await;
+        }
+        mounted
+    }
+
+    async fn release(&self, mountpoint: &Path) {
+        if let Upstreams::Trees(trees) = &self.upstreams {
+            trees.release(mountpoint).await;
+        }
     }
 }
 
@@ -209,7 +263,9 @@ impl RemoteLayers for LazyRemoteLayers {
         _labels: &HashMap<String, String>,
         mountpoint: &Path,
     ) -> anyhow::Result<()> {
-        self.manager.unmount(mountpoint).await?;
+        let unmounted = self.manager.unmount(mountpoint).await;
+        self.release(mountpoint).await;
+        unmounted?;
         Ok(())
     }
 }

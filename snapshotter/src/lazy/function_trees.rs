@@ -1,0 +1,229 @@
+//! Upstreams from the coordinator's function trees.
+//!
+//! This VM joins the tree of every image (function) it mounts lazily, follows the parent the
+//! coordinator assigns, and leaves the tree when the image's last lazily mounted layer is
+//! removed. The coordinator is off the critical path: the last known upstream stays in use
+//! while it is unreachable, and a failed parent only means registry fallbacks until the
+//! coordinator answers again.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use faasnet_coordinator::client::{CoordinatorClient, MembershipOptions, TreeMembership};
+use faasnet_coordinator::{Source, Upstream as TreeAnswer};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::block_source::{Upstream, UpstreamProvider};
+
+/// Errors joining a tree.
+#[derive(Debug, thiserror::Error)]
+pub enum TreeError {
+    #[error("coordinator: {0}")]
+    Coordinator(#[from] faasnet_coordinator::client::ClientError),
+    #[error("coordinator config: {0}")]
+    Config(String),
+}
+
+/// This VM's memberships in function trees, one per image it has mounted lazily.
+pub struct FunctionTrees {
+    client: CoordinatorClient,
+    node_id: String,
+    peer_addr: String,
+    options: MembershipOptions,
+    trees: tokio::sync::Mutex<HashMap<String, TreeUse>>,
+}
+
+struct TreeUse {
+    upstream: Arc<TreeUpstream>,
+    mounts: HashSet<PathBuf>,
+}
+
+impl FunctionTrees {
+    /// Talks to the coordinator at `endpoint` as `tenant`; this VM is `node_id` and serves
+    /// blocks to its children at `peer_addr`. Connects on first use, so a coordinator that
+    /// is down at startup is no error.
+    pub fn new(
+        endpoint: &str,
+        tenant: &str,
+        token: &str,
+        node_id: &str,
+        peer_addr: &str,
+    ) -> Result<Arc<Self>, TreeError> {
+        if peer_addr.parse::<SocketAddr>().is_err() {
+            return Err(TreeError::Config(format!(
+                "peer address {peer_addr:?} must be ip:port reachable by other VMs \
+                 (set lazy.peer_advertise)"
+            )));
+        }
+        Ok(Arc::new(FunctionTrees {
+            client: CoordinatorClient::connect_lazy(endpoint, tenant, token)?,
+            node_id: node_id.to_string(),
+            peer_addr: peer_addr.to_string(),
+            options: MembershipOptions::default(),
+            trees: tokio::sync::Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// The upstream in `function`'s tree for the layer mounted at `mountpoint`; joins the
+    /// tree on first use.
+    pub async fn acquire(
+        &self,
+        function: &str,
+        mountpoint: &Path,
+    ) -> Result<Arc<TreeUpstream>, TreeError> {
+        let mut trees = self.trees.lock().await;
+        if let Some(t) = trees.get_mut(function) {
+            t.mounts.insert(mountpoint.to_path_buf());
+            return Ok(t.upstream.clone());
+        }
+        let membership = TreeMembership::join(
+            self.client.clone(),
+            function,
+            &self.node_id,
+            &self.peer_addr,
+            self.options.clone(),
+        )
+        .await?;
+        info!(function, node = %self.node_id, upstream = %membership.upstream(), "joined function tree");
+        let upstream = Arc::new(TreeUpstream {
+            function: function.to_string(),
+            rx: membership.subscribe(),
+            membership: Mutex::new(Some(Arc::new(membership))),
+            reporting: Arc::new(AtomicBool::new(false)),
+        });
+        trees.insert(
+            function.to_string(),
+            TreeUse {
+                upstream: upstream.clone(),
+                mounts: HashSet::from([mountpoint.to_path_buf()]),
+            },
+        );
+        Ok(upstream)
+    }
+
+    /// The layer at `mountpoint` is gone; leaves the trees it was the last user of.
+    pub async fn release(&self, mountpoint: &Path) {
+        let mut trees = self.trees.lock().await;
+        let emptied: Vec<String> = trees
+            .iter_mut()
+            .filter_map(|(f, t)| {
+                (t.mounts.remove(mountpoint) && t.mounts.is_empty()).then(|| f.clone())
+            })
+            .collect();
+        for function in emptied {
+            if let Some(t) = trees.remove(&function) {
+                t.upstream.leave().await;
+            }
+        }
+    }
+
+    /// Functions (trees) this VM is in.
+    pub async fn functions(&self) -> Vec<String> {
+        self.trees.lock().await.keys().cloned().collect()
+    }
+}
+
+/// The upstream of this VM in one function tree, kept current by the coordinator's watch.
+pub struct TreeUpstream {
+    function: String,
+    rx: watch::Receiver<TreeAnswer>,
+    /// `None` once the tree was left.
+    membership: Mutex<Option<Arc<TreeMembership>>>,
+    /// A failure report is in flight; later failures wait for its answer.
+    reporting: Arc<AtomicBool>,
+}
+
+impl TreeUpstream {
+    async fn leave(&self) {
+        let membership = self.membership.lock().expect("membership lock").take();
+        let Some(m) = membership else { return };
+        match Arc::try_unwrap(m) {
+            Ok(m) => match m.leave().await {
+                Ok(()) => info!(function = %self.function, "left function tree"),
+                // The lease expires anyway; the coordinator then re-attaches our children.
+                Err(e) => warn!(function = %self.function, error = %e, "leaving the tree failed"),
+            },
+            // A failure report holds it for a moment; dropping stops the membership and
+            // the lease expires.
+            Err(_) => warn!(function = %self.function, "tree left by lease expiry"),
+        }
+    }
+}
+
+/// The coordinator's answer as a block-fetch upstream.
+fn to_upstream(answer: &TreeAnswer) -> Upstream {
+    match &answer.source {
+        Source::Registry => Upstream::Root,
+        Source::Peer { addr, .. } => match addr.parse() {
+            Ok(addr) => Upstream::Peer {
+                addr,
+                epoch: answer.epoch,
+            },
+            // Validated by the coordinator on join; unreachable in practice.
+            Err(_) => Upstream::Root,
+        },
+    }
+}
+
+impl UpstreamProvider for TreeUpstream {
+    fn current(&self) -> Upstream {
+        if self.membership.lock().expect("membership lock").is_none() {
+            return Upstream::Root;
+        }
+        to_upstream(&self.rx.borrow())
+    }
+
+    fn report_failure(&self, peer: SocketAddr) {
+        let Some(m) = self.membership.lock().expect("membership lock").clone() else {
+            return;
+        };
+        if self.reporting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let reporting = self.reporting.clone();
+        let function = self.function.clone();
+        tokio::spawn(async move {
+            match m.report_bad_upstream().await {
+                Ok(advice) => {
+                    info!(%function, %peer, upstream = %advice.upstream, "reported failed upstream")
+                }
+                Err(e) => {
+                    warn!(%function, %peer, error = %e, "could not report failed upstream; keeping registry fallback")
+                }
+            }
+            reporting.store(false, Ordering::Release);
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_map_to_upstreams() {
+        let root = TreeAnswer {
+            epoch: 3,
+            source: Source::Registry,
+        };
+        assert_eq!(to_upstream(&root), Upstream::Root);
+        let peer = TreeAnswer {
+            epoch: 7,
+            source: Source::Peer {
+                node_id: "vm2".into(),
+                addr: "10.0.0.2:7800".into(),
+            },
+        };
+        assert_eq!(
+            to_upstream(&peer),
+            Upstream::Peer {
+                addr: "10.0.0.2:7800".parse().unwrap(),
+                epoch: 7
+            }
+        );
+    }
+}
