@@ -221,6 +221,9 @@ impl OciLayout {
         // sees a partial blob.
         let tmp = dest.with_extension("partial");
         std::fs::copy(path, &tmp).map_err(|e| self.err(e))?;
+        // The source is a private temp file (0600); blobs are world-readable like the rest.
+        let world_readable = std::os::unix::fs::PermissionsExt::from_mode(0o644);
+        std::fs::set_permissions(&tmp, world_readable).map_err(|e| self.err(e))?;
         std::fs::rename(&tmp, &dest).map_err(|e| self.err(e))
     }
 
