@@ -3,8 +3,9 @@
 //! Three layers, measured in the same run so they can be compared:
 //! 1. `tree`: the pure in-memory `FunctionTree` (no locks, no I/O): the upper bound.
 //! 2. `forest`: trees + leases + sled batch + group-commit flush, no network.
-//! 3. `grpc`: the full path: tonic client -> loopback TCP -> service -> forest -> sled
-//!    flush -> answer, with the server running in this process.
+//! 3. `grpc`: the full path: tonic client (this process) -> loopback TCP -> a real
+//!    `coordinator` process -> forest -> sled flush -> answer. CPU per op is client +
+//!    server; the split is printed below the table.
 //!
 //! Run: `cargo bench -p faasnet-coordinator --bench coordinator`
 //! Knobs (env): BENCH_NODES (100000), BENCH_TREES (1000), BENCH_CONCURRENCY (32),
@@ -15,7 +16,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use faasnet_coordinator::client::CoordinatorClient;
-use faasnet_coordinator::config::Config;
 use faasnet_coordinator::forest::{Forest, RemoveReason};
 use faasnet_coordinator::function_tree::FunctionTree;
 use faasnet_coordinator::metrics::Metrics;
@@ -251,32 +251,46 @@ fn main() {
         );
     });
 
-    // 3. Full path over gRPC.
+    // 3. Full path over gRPC, against a real `coordinator` process.
     rt.block_on(async {
         let dir = tempfile::tempdir_in(&base_dir).unwrap();
-        let cfg = Config::parse(&format!(
-            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nlease_ttl_ms = 600000\n\
-             [tenants.bench]\ntoken = \"bench-token\"\n",
-            dir.path().join("db").display()
-        ))
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let config = dir.path().join("coordinator.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "listen = \"127.0.0.1:{port}\"\ndata_dir = \"db\"\nlease_ttl_ms = 600000\n\
+                 [tenants.bench]\ntoken = \"bench-token\"\n"
+            ),
+        )
         .unwrap();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let running = faasnet_coordinator::server::start(cfg, async move {
-            let _ = stop_rx.await;
-        })
-        .await
-        .unwrap();
-        let endpoint = format!("http://{}", running.addr);
+        let mut server = Server(
+            std::process::Command::new(env!("CARGO_BIN_EXE_coordinator"))
+                .args(["serve", "--config"])
+                .arg(&config)
+                .env("RUST_LOG", "warn")
+                .spawn()
+                .expect("start coordinator"),
+        );
+        let pid = server.0.id();
+        let endpoint = format!("http://127.0.0.1:{port}");
         let mut clients = Vec::new();
-        for _ in 0..connections {
-            clients.push(
-                CoordinatorClient::connect(&endpoint, "bench", "bench-token")
-                    .await
-                    .unwrap(),
-            );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while clients.len() < connections {
+            match CoordinatorClient::connect(&endpoint, "bench", "bench-token").await {
+                Ok(c) => clients.push(c),
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "coordinator not up: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
         }
         let clients = Arc::new(clients);
-        let rss0 = rss_bytes();
+        let (rss0, scpu0) = (proc_rss(pid), proc_cpu(pid));
         header();
         let c = clients.clone();
         let mut join = drive("grpc: join", join_order.clone(), concurrency, move |w, i| {
@@ -289,7 +303,7 @@ fn main() {
             }
         })
         .await;
-        let rss1 = rss_bytes();
+        let (rss1, scpu1) = (proc_rss(pid), proc_cpu(pid));
         let c = clients.clone();
         let mut leave = drive("grpc: leave", leave_order.clone(), concurrency, move |w, i| {
             let c = c.clone();
@@ -298,6 +312,10 @@ fn main() {
             }
         })
         .await;
+        let scpu2 = proc_cpu(pid);
+        let (join_client, leave_client) = (join.cpu, leave.cpu);
+        join.cpu += scpu1 - scpu0;
+        leave.cpu += scpu2 - scpu1;
         join.report();
         leave.report();
         let mut both = Phase {
@@ -308,11 +326,55 @@ fn main() {
             lat_us: [join.lat_us, leave.lat_us].concat(),
         };
         both.report();
+        let per = |d: Duration| d.as_secs_f64() * 1e6 / nodes as f64;
         println!(
-            "\nmemory, server+clients in one process with {nodes} nodes: {:.0} bytes/node (RSS delta)",
+            "\ngrpc CPU µs/op split: server join {:.1}, leave {:.1}; client join {:.1}, leave {:.1}",
+            per(scpu1 - scpu0),
+            per(scpu2 - scpu1),
+            per(join_client),
+            per(leave_client)
+        );
+        println!(
+            "memory, coordinator process: {:.1} MiB idle, {:.1} MiB with {nodes} nodes: {:.0} bytes/node (RSS delta)",
+            rss0 as f64 / (1 << 20) as f64,
+            rss1 as f64 / (1 << 20) as f64,
             rss1.saturating_sub(rss0) as f64 / nodes as f64
         );
-        let _ = stop_tx.send(());
-        let _ = running.done.await;
+        drop(server.0.kill());
+        let _ = server.0.wait();
     });
+}
+
+/// Kills the coordinator process if the bench panics.
+struct Server(std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn proc_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// utime + stime of another process (clock-tick resolution).
+fn proc_cpu(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_micros(ticks * 1_000_000 / hz)
 }

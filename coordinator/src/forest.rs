@@ -13,7 +13,7 @@
 //! Calls take `now` instead of reading the clock, so tests can drive leases.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -91,6 +91,8 @@ struct NodeInfo {
 struct TreeEntry {
     tree: FunctionTree<NodeInfo>,
     epoch: u64,
+    /// Short id naming the tree in the store's node keys.
+    id: u64,
 }
 
 type Note = (Arc<watch::Sender<Upstream>>, Upstream);
@@ -150,6 +152,7 @@ pub struct Forest {
     metrics: Arc<Metrics>,
     lease_ttl: Duration,
     failed: AtomicBool,
+    next_tree_id: AtomicU64,
 }
 
 fn unknown_tree(key: &TreeKey) -> ForestError {
@@ -215,7 +218,9 @@ impl Forest {
     ) -> Result<Self, ForestError> {
         let mut trees = HashMap::new();
         let (mut tree_count, mut node_count) = (0i64, 0i64);
+        let mut next_tree_id = 1;
         for loaded in store.load()? {
+            next_tree_id = next_tree_id.max(loaded.id + 1);
             if loaded.nodes.is_empty() {
                 // Comes back lazily (with its epoch) if someone joins again.
                 continue;
@@ -235,6 +240,7 @@ impl Forest {
             let entry = TreeEntry {
                 tree,
                 epoch: loaded.epoch,
+                id: loaded.id,
             };
             trees.insert(loaded.key, Arc::new(Mutex::new(entry)));
         }
@@ -246,6 +252,7 @@ impl Forest {
             metrics,
             lease_ttl,
             failed: AtomicBool::new(false),
+            next_tree_id: AtomicU64::new(next_tree_id),
         })
     }
 
@@ -297,15 +304,20 @@ impl Forest {
         if let Some(e) = self.entry(key) {
             return Ok(e);
         }
-        // A tree that emptied before a restart keeps its epoch on disk.
-        let epoch = self.store.epoch(key)?.unwrap_or(0);
+        // A tree that emptied before a restart keeps its epoch and id on disk.
+        let meta = self.store.tree_meta(key)?;
         let mut trees = self.trees.write().unwrap();
         Ok(trees
             .entry(key.clone())
             .or_insert_with(|| {
+                let (epoch, id) = match meta {
+                    Some(m) => (m.epoch, m.id),
+                    None => (0, self.next_tree_id.fetch_add(1, Ordering::Relaxed)),
+                };
                 Arc::new(Mutex::new(TreeEntry {
                     tree: FunctionTree::new(),
                     epoch,
+                    id,
                 }))
             })
             .clone())
@@ -343,6 +355,7 @@ impl Forest {
                 .insert(node_id.to_string(), info)
                 .expect("checked for duplicates above");
             let write = Write {
+                tree_id: e.id,
                 epoch,
                 put: delta
                     .placed
@@ -392,6 +405,7 @@ impl Forest {
             })
             .collect();
         let write = Write {
+            tree_id: e.id,
             epoch,
             put: addrs,
             remove: vec![node_id],

@@ -6,10 +6,14 @@
 //! concurrent requests share one fsync and no async worker ever blocks inside sled.
 //! Callers acknowledge a change only after `sync` returns.
 //!
-//! Keys (NUL-separated; names never contain control characters, see `validate`):
-//! - `m\0<tenant>\0<function>` → [`TreeMeta`]: epoch as 8 bytes little-endian
-//! - `n\0<tenant>\0<function>\0<node_id>` → [`NodeRecord`]: position as 8 bytes
+//! Keys:
+//! - `m\0<tenant>\0<function>` → [`TreeMeta`]: epoch, then the tree's numeric id, each
+//!   8 bytes little-endian (names never contain control characters, see `validate`)
+//! - `n<tree id, 8 bytes big-endian><node_id>` → [`NodeRecord`]: position as 8 bytes
 //!   little-endian, then the peer address (UTF-8)
+//!
+//! Node keys use the short tree id rather than the tenant and digest: sled copies and
+//! rewrites whole leaf pages on updates, so short keys make every write cheaper.
 //!
 //! Leases are not written: after a restart every node gets a fresh lease (a grace
 //! period), because nodes could not heartbeat while the coordinator was down.
@@ -51,6 +55,8 @@ impl From<sled::Error> for StoreError {
 pub struct TreeMeta {
     /// The tree's change counter; kept even when the tree empties, so epochs never go back.
     pub epoch: u64,
+    /// Short id used in node keys.
+    pub id: u64,
 }
 
 /// Per-node record.
@@ -64,13 +70,19 @@ pub struct NodeRecord {
 
 impl TreeMeta {
     fn encode(&self) -> Vec<u8> {
-        self.epoch.to_le_bytes().to_vec()
+        let mut v = self.epoch.to_le_bytes().to_vec();
+        v.extend_from_slice(&self.id.to_le_bytes());
+        v
     }
 
     fn decode(raw: &[u8]) -> Result<Self, String> {
-        let epoch = raw.try_into().map_err(|_| "tree meta is not 8 bytes")?;
+        if raw.len() != 16 {
+            return Err("tree meta is not 16 bytes".into());
+        }
+        let (e, i) = raw.split_at(8);
         Ok(Self {
-            epoch: u64::from_le_bytes(epoch),
+            epoch: u64::from_le_bytes(e.try_into().expect("8 bytes")),
+            id: u64::from_le_bytes(i.try_into().expect("8 bytes")),
         })
     }
 }
@@ -100,6 +112,8 @@ impl NodeRecord {
 pub struct LoadedTree {
     /// Which tree.
     pub key: TreeKey,
+    /// Its short id.
+    pub id: u64,
     /// Its epoch.
     pub epoch: u64,
     /// `(node_id, addr)` in position order.
@@ -109,6 +123,8 @@ pub struct LoadedTree {
 /// One tree change to write: the new epoch, nodes (re)placed, nodes removed.
 #[derive(Debug, Default)]
 pub struct Write<'a> {
+    /// The tree's short id (from [`Store::tree_meta`] or [`Store::load`], or a fresh one).
+    pub tree_id: u64,
     /// New epoch of the tree.
     pub epoch: u64,
     /// `(node_id, position, addr)` to put.
@@ -205,10 +221,10 @@ fn meta_key(key: &TreeKey) -> Vec<u8> {
     k
 }
 
-fn node_key(key: &TreeKey, node: &str) -> Vec<u8> {
-    let mut k = meta_key(key);
-    k[0] = b'n';
-    k.push(0);
+fn node_key(tree_id: u64, node: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9 + node.len());
+    k.push(b'n');
+    k.extend_from_slice(&tree_id.to_be_bytes());
     k.extend_from_slice(node.as_bytes());
     k
 }
@@ -272,53 +288,58 @@ impl Store {
     }
 
     /// Reads every tree back, nodes in position order. Trees with a meta record but no
-    /// nodes come back empty (they keep their epoch).
+    /// nodes come back empty (they keep their epoch and id).
     pub fn load(&self) -> Result<Vec<LoadedTree>, StoreError> {
-        // key -> (epoch, [(position, node_id, addr)])
-        type Partial = (u64, Vec<(u64, String, String)>);
-        let mut trees: BTreeMap<TreeKey, Partial> = BTreeMap::new();
+        let mut trees: BTreeMap<u64, LoadedTree> = BTreeMap::new();
         for item in self.db.scan_prefix(b"m\0") {
             let (k, v) = item?;
             let parts = split_key(&k, 2)?;
             let meta = TreeMeta::decode(&v).map_err(|e| corrupt(&k, e))?;
-            let key = TreeKey::new(parts[0].clone(), parts[1].clone());
-            trees.entry(key).or_default().0 = meta.epoch;
+            let tree = LoadedTree {
+                key: TreeKey::new(parts[0].clone(), parts[1].clone()),
+                id: meta.id,
+                epoch: meta.epoch,
+                nodes: Vec::new(),
+            };
+            if trees.insert(meta.id, tree).is_some() {
+                return Err(corrupt(&k, "tree id used twice"));
+            }
         }
-        for item in self.db.scan_prefix(b"n\0") {
+        let mut positions: BTreeMap<u64, Vec<(u64, String, String)>> = BTreeMap::new();
+        for item in self.db.scan_prefix(b"n") {
             let (k, v) = item?;
-            let parts = split_key(&k, 3)?;
+            if k.len() < 9 {
+                return Err(corrupt(&k, "node key too short"));
+            }
+            let id = u64::from_be_bytes(k[1..9].try_into().expect("8 bytes"));
+            let node = std::str::from_utf8(&k[9..]).map_err(|e| corrupt(&k, e))?;
             let rec = NodeRecord::decode(&v).map_err(|e| corrupt(&k, e))?;
-            let key = TreeKey::new(parts[0].clone(), parts[1].clone());
-            trees
-                .entry(key)
+            if !trees.contains_key(&id) {
+                return Err(corrupt(&k, "node of an unknown tree"));
+            }
+            positions
+                .entry(id)
                 .or_default()
-                .1
-                .push((rec.position, parts[2].clone(), rec.addr));
+                .push((rec.position, node.to_string(), rec.addr));
         }
-        Ok(trees
-            .into_iter()
-            .map(|(key, (epoch, mut nodes))| {
-                // Batches are atomic, so positions are 0..N; sorting (rather than indexing)
-                // still yields a valid tree if they were ever not.
-                nodes.sort();
-                LoadedTree {
-                    key,
-                    epoch,
-                    nodes: nodes.into_iter().map(|(_, id, addr)| (id, addr)).collect(),
-                }
-            })
-            .collect())
+        for (id, mut nodes) in positions {
+            // Batches are atomic, so positions are 0..N; sorting (rather than indexing)
+            // still yields a valid tree if they were ever not.
+            nodes.sort();
+            trees.get_mut(&id).expect("checked").nodes =
+                nodes.into_iter().map(|(_, n, addr)| (n, addr)).collect();
+        }
+        Ok(trees.into_values().collect())
     }
 
-    /// The epoch stored for a tree, if it ever existed. Reads applied state only; the
-    /// forest asks only about trees it does not hold in memory, which have nothing queued.
-    pub fn epoch(&self, key: &TreeKey) -> Result<Option<u64>, StoreError> {
+    /// The record of a tree, if it ever existed. Reads applied state only; the forest asks
+    /// only about trees it does not hold in memory, which have nothing queued.
+    pub fn tree_meta(&self, key: &TreeKey) -> Result<Option<TreeMeta>, StoreError> {
         match self.db.get(meta_key(key))? {
             None => Ok(None),
-            Some(v) => {
-                let meta = TreeMeta::decode(&v).map_err(|e| corrupt(&meta_key(key), e))?;
-                Ok(Some(meta.epoch))
-            }
+            Some(v) => Ok(Some(
+                TreeMeta::decode(&v).map_err(|e| corrupt(&meta_key(key), e))?,
+            )),
         }
     }
 
@@ -327,14 +348,17 @@ impl Store {
     /// nor even visible to reads, until [`Store::sync`] returns.
     pub fn write(&self, key: &TreeKey, w: &Write<'_>) -> Result<(), StoreError> {
         let mut ops: Ops = Vec::with_capacity(1 + w.put.len() + w.remove.len());
-        let meta = TreeMeta { epoch: w.epoch }.encode();
-        ops.push((meta_key(key), Some(meta)));
+        let meta = TreeMeta {
+            epoch: w.epoch,
+            id: w.tree_id,
+        };
+        ops.push((meta_key(key), Some(meta.encode())));
         for node in &w.remove {
-            ops.push((node_key(key, node), None));
+            ops.push((node_key(w.tree_id, node), None));
         }
         for (node, position, addr) in &w.put {
             ops.push((
-                node_key(key, node),
+                node_key(w.tree_id, node),
                 Some(NodeRecord::encode(*position as u64, addr)),
             ));
         }
@@ -362,6 +386,7 @@ mod tests {
             s.write(
                 &key,
                 &Write {
+                    tree_id: 7,
                     epoch: 1,
                     put: vec![("b", 1, "h:2"), ("a", 0, "h:1")],
                     remove: vec![],
@@ -371,6 +396,7 @@ mod tests {
             s.write(
                 &key,
                 &Write {
+                    tree_id: 7,
                     epoch: 2,
                     put: vec![],
                     remove: vec!["b"],
@@ -385,10 +411,14 @@ mod tests {
             trees,
             vec![LoadedTree {
                 key: key.clone(),
+                id: 7,
                 epoch: 2,
                 nodes: vec![("a".into(), "h:1".into())]
             }]
         );
-        assert_eq!(s.epoch(&key).unwrap(), Some(2));
+        assert_eq!(
+            s.tree_meta(&key).unwrap(),
+            Some(TreeMeta { epoch: 2, id: 7 })
+        );
     }
 }

@@ -239,6 +239,14 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
         let b = reopened.upstreams(&key(t)).unwrap_or_default();
         prop_assert_eq!(a, b, "reloaded tree {} differs", t);
     }
+    // Epochs keep going up after a reload, also for trees that emptied (and come back).
+    for t in 0..3 {
+        let up = reopened
+            .join(&key(t), "newcomer", "10.9.9.9:7800", base + now)
+            .await
+            .unwrap();
+        prop_assert_eq!(up.epoch, model.epochs[t] + 1, "tree {} epoch after reload", t);
+    }
     Ok(())
 }
 
