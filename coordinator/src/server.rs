@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
@@ -124,8 +125,15 @@ pub async fn start(
 
     let mut tasks = tokio::task::JoinSet::new();
     {
-        let tcp =
-            router().serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped());
+        // With our own listener tonic does not apply `tcp_nodelay`; without it Nagle and
+        // delayed ACKs stall small answers by ~40 ms.
+        let incoming = TcpListenerStream::new(listener).map(|conn| {
+            if let Ok(c) = &conn {
+                let _ = c.set_nodelay(true);
+            }
+            conn
+        });
+        let tcp = router().serve_with_incoming_shutdown(incoming, stopped());
         tasks.spawn(async move { tcp.await.map_err(ServeError::from) });
     }
     if let Some(path) = &config.unix_socket {

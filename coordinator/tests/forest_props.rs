@@ -245,7 +245,12 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             .join(&key(t), "newcomer", "10.9.9.9:7800", base + now)
             .await
             .unwrap();
-        prop_assert_eq!(up.epoch, model.epochs[t] + 1, "tree {} epoch after reload", t);
+        prop_assert_eq!(
+            up.epoch,
+            model.epochs[t] + 1,
+            "tree {} epoch after reload",
+            t
+        );
     }
     Ok(())
 }
