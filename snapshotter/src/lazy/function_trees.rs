@@ -22,8 +22,9 @@ use super::block_source::{Upstream, UpstreamProvider};
 /// Errors joining a tree.
 #[derive(Debug, thiserror::Error)]
 pub enum TreeError {
+    // Boxed: the client error is large and this travels on every join.
     #[error("coordinator: {0}")]
-    Coordinator(#[from] faasnet_coordinator::client::ClientError),
+    Coordinator(#[from] Box<faasnet_coordinator::client::ClientError>),
     #[error("coordinator config: {0}")]
     Config(String),
 }
@@ -60,7 +61,7 @@ impl FunctionTrees {
             )));
         }
         Ok(Arc::new(FunctionTrees {
-            client: CoordinatorClient::connect_lazy(endpoint, tenant, token)?,
+            client: CoordinatorClient::connect_lazy(endpoint, tenant, token).map_err(Box::new)?,
             node_id: node_id.to_string(),
             peer_addr: peer_addr.to_string(),
             options: MembershipOptions::default(),
@@ -87,7 +88,8 @@ impl FunctionTrees {
             &self.peer_addr,
             self.options.clone(),
         )
-        .await?;
+        .await
+        .map_err(Box::new)?;
         info!(function, node = %self.node_id, upstream = %membership.upstream(), "joined function tree");
         let upstream = Arc::new(TreeUpstream {
             function: function.to_string(),
