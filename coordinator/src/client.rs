@@ -62,9 +62,10 @@ pub enum ClientError {
     /// Connecting failed.
     #[error("connecting to the coordinator: {0}")]
     Transport(#[from] tonic::transport::Error),
-    /// The coordinator answered with an error (or the call failed in transit).
+    /// The coordinator answered with an error (or the call failed in transit). The
+    /// message says what was wrong; [`ClientError::code`] gives the gRPC code.
     #[error("coordinator: {code:?}: {message}", code = .0.code(), message = .0.message())]
-    Status(#[from] Status),
+    Status(Status),
     /// The coordinator's answer did not make sense.
     #[error("malformed answer from the coordinator: {0}")]
     Protocol(String),
@@ -76,6 +77,14 @@ pub enum ClientError {
         /// The last error seen.
         last: Box<ClientError>,
     },
+}
+
+// Not `#[from]`: that would make the status the error's source, and error reports would
+// print its message twice along with the raw metadata.
+impl From<Status> for ClientError {
+    fn from(s: Status) -> Self {
+        ClientError::Status(s)
+    }
 }
 
 impl ClientError {
