@@ -157,6 +157,9 @@ fn main() {
          {connections} gRPC connections, {} CPUs",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
+    // Other work on the machine skews every figure below; say how busy it was.
+    let loadavg = || std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!("load average at start: {}", loadavg().trim());
     let join_order: Arc<Vec<usize>> = Arc::new((0..nodes).collect());
     let mut leave: Vec<usize> = (0..nodes).collect();
     leave.shuffle(&mut rand::rngs::StdRng::seed_from_u64(7));
@@ -340,6 +343,7 @@ fn main() {
             rss1 as f64 / (1 << 20) as f64,
             rss1.saturating_sub(rss0) as f64 / nodes as f64
         );
+        println!("load average at end: {}", loadavg().trim());
         drop(server.0.kill());
         let _ = server.0.wait();
     });
