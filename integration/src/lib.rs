@@ -7,9 +7,12 @@
 
 pub mod binaries;
 pub mod containerd;
+pub mod images;
 pub mod netns;
 pub mod process;
 pub mod registry;
+pub mod rootfs;
+pub mod stack;
 
 /// Fails the calling test unless it runs as root.
 pub fn require_root() {
