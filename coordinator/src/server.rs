@@ -19,6 +19,9 @@ use crate::pb::coordinator_server::CoordinatorServer;
 use crate::service::{Auth, CoordinatorService};
 use crate::store::{Store, StoreError};
 
+/// How long a shutdown waits for in-flight calls before closing the remaining streams.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -174,10 +177,22 @@ pub async fn start(
         }
         let _ = stop_tx.send(true);
         sweeper.abort();
-        while let Some(r) = tasks.join_next().await {
-            if let Err(e) = r.expect("listener task panicked") {
-                tracing::warn!(error = %e, "listener stopped with an error");
+        // Graceful shutdown waits for open streams, and watch streams never end by
+        // themselves: give unary calls a moment to finish, then cut the rest. Clients
+        // reconnect to the next coordinator process.
+        let drain = async {
+            while let Some(r) = tasks.join_next().await {
+                match r {
+                    Ok(Err(e)) => tracing::warn!(error = %e, "listener stopped with an error"),
+                    Ok(Ok(())) => {}
+                    Err(e) if e.is_cancelled() => {}
+                    Err(e) => std::panic::resume_unwind(e.into_panic()),
+                }
             }
+        };
+        if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
+            tracing::info!("closing remaining streams");
+            tasks.shutdown().await;
         }
         result
     });

@@ -376,3 +376,19 @@ async fn unix_socket_and_metrics() {
     }
     assert!(!s.running.done.is_finished());
 }
+
+#[tokio::test]
+async fn shutdown_does_not_wait_for_open_watch_streams() {
+    let mut s = server(60_000).await;
+    let c = CoordinatorClient::connect(&s.endpoint, "acme", "acme-secret")
+        .await
+        .unwrap();
+    c.join(F1, "w", "10.0.0.1:7800").await.unwrap();
+    let mut stream = c.watch(F1, "w").await.unwrap();
+    stream.next().await.unwrap().unwrap();
+    s.stop.take().unwrap().send(()).unwrap();
+    let done = tokio::time::timeout(Duration::from_secs(10), &mut s.running.done)
+        .await
+        .expect("server stops while a watch is open");
+    done.unwrap().unwrap();
+}
