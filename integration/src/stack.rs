@@ -12,6 +12,7 @@ use anyhow::Context as _;
 
 use crate::binaries::workspace_binary;
 use crate::containerd::{in_netns, Containerd, ContainerdOptions};
+use crate::netns::Network;
 use crate::process::Daemon;
 
 /// Tenant and token every test uses with the coordinator.
@@ -114,6 +115,28 @@ pub struct SnapshotterOptions {
     pub coordinator: Option<String>,
     /// `coordinator.node_id` (required with a coordinator: every VM has the same hostname).
     pub node_id: Option<String>,
+}
+
+impl SnapshotterOptions {
+    /// VM `i` of `net`: in its namespace, peer server on `<vm ip>:9112`, metrics on
+    /// `<vm ip>:9111` (reachable from the host), node id `vm<i>`, plain HTTP to `registry`
+    /// (`host:port`), in the function trees of `coordinator` if given.
+    pub fn in_vm(
+        net: &Network,
+        i: usize,
+        registry: &str,
+        coordinator: Option<&Coordinator>,
+    ) -> SnapshotterOptions {
+        let ip = net.vm_ip(i);
+        SnapshotterOptions {
+            netns: Some(net.vm_ns(i)),
+            peer_listen: Some(format!("{ip}:9112")),
+            metrics_address: Some(format!("{ip}:9111")),
+            insecure_registries: vec![registry.to_string()],
+            coordinator: coordinator.map(Coordinator::endpoint),
+            node_id: Some(format!("vm{i}")),
+        }
+    }
 }
 
 /// A running snapshotter daemon. Dropping it stops it and detaches its mounts.
