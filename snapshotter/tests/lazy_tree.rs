@@ -342,6 +342,37 @@ async fn prefetch_fetches_the_whole_layer_coalesced() {
     a.unmount(&mnt).await.unwrap();
 }
 
+/// Siblings starting together: a child asks for a block of a layer its parent is about to
+/// mount. The parent holds the request (with keep-alives, so the child's 2 s stall timeout
+/// does not fire) and serves it once the layer is there, instead of "unknown layer", which
+/// would send the child to the registry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn peer_server_waits_for_a_layer_being_mounted() {
+    let s = setup().await;
+    let (a, am) = manager(&s.dir.path().join("a"), true, false);
+    let client = Arc::new(PeerSource::new(
+        a.peer_addr().unwrap(),
+        Duration::from_secs(2),
+    ));
+    let e0 = s.converted.toc.blocks[0].clone();
+    let early = tokio::spawn({
+        let (client, layer, e0) = (client.clone(), s.layer.clone(), e0.clone());
+        async move { client.fetch(&layer, 0, &e0).await }
+    });
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(
+        !early.is_finished(),
+        "answered before the layer was mounted"
+    );
+    a.open_layer(&s.layer, None, StaticUpstream::root())
+        .await
+        .unwrap();
+    let b = early.await.unwrap().unwrap();
+    assert_eq!(&b[..], &s.blob[..e0.stored_len as usize]);
+    assert_eq!(am.serve_errors.get(), 0);
+    assert_eq!(am.served_blocks.get(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn peer_server_refuses_unknown_layers_and_bad_indices() {
     let s = setup().await;

@@ -4,9 +4,15 @@
 //! [`BlockStore`] (the same single flight as local reads) and answered as soon as the block
 //! is whole: the pipelining of the paper. While waiting, the server sends keep-alives so the
 //! child's stall timeout does not fire on a deep tree. Only registered layers are served.
+//!
+//! A request for a layer that is not registered (yet) waits up to [`LAYER_GRACE`] for it,
+//! with keep-alives: when a function starts on many VMs at once, a child often mounts a layer
+//! a moment before its parent does, and answering "unknown layer" at once would send the
+//! child to the registry for that block. A layer that did not come within the grace is
+//! answered "unknown" at once afterwards, until it is registered.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::SocketAddr,
     sync::{Arc, RwLock},
     time::Duration,
@@ -15,6 +21,7 @@ use std::{
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
+    sync::Notify,
     task::JoinSet,
 };
 use tracing::{debug, info, warn, Instrument};
@@ -28,10 +35,23 @@ use super::{
 
 /// Idle time after which a child's connection is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a request for a layer that is not registered waits for it (well below a
+/// child's fetch timeout, so a child whose parent never mounts the layer loses little).
+pub const LAYER_GRACE: Duration = Duration::from_secs(3);
 
 struct Shared {
     layers: RwLock<HashMap<String, Arc<BlockStore>>>,
+    /// Layers a request waited for in vain: answered "unknown" at once until registered.
+    given_up: RwLock<HashSet<String>>,
+    /// Woken when a layer is registered.
+    registered: Notify,
     metrics: Arc<LazyMetrics>,
+}
+
+impl Shared {
+    fn layer(&self, digest: &str) -> Option<Arc<BlockStore>> {
+        self.layers.read().unwrap().get(digest).cloned()
+    }
 }
 
 /// The block server of this node.
@@ -66,6 +86,8 @@ impl PeerServer {
             .map_err(|e| LazyError::io("peer server: local address", e))?;
         let shared = Arc::new(Shared {
             layers: RwLock::new(HashMap::new()),
+            given_up: RwLock::new(HashSet::new()),
+            registered: Notify::new(),
             metrics,
         });
         let task = tokio::spawn(accept_loop(listener, shared.clone()));
@@ -81,7 +103,9 @@ impl PeerServer {
     /// Serves `store`'s layer from now on.
     pub fn register(&self, store: Arc<BlockStore>) {
         let digest = store.layer().digest.clone();
+        self.shared.given_up.write().unwrap().remove(&digest);
         self.shared.layers.write().unwrap().insert(digest, store);
+        self.shared.registered.notify_waiters();
     }
 
     /// Stops serving layer `digest`.
@@ -160,7 +184,10 @@ async fn serve_requests(stream: &mut TcpStream, shared: &Shared) -> Result<()> {
                 return Err(LazyError::Protocol("malformed request".into()));
             }
         };
-        let store = shared.layers.read().unwrap().get(&req.digest).cloned();
+        let store = match shared.layer(&req.digest) {
+            Some(store) => Some(store),
+            None => wait_for_layer(stream, shared, &req.digest).await?,
+        };
         let Some(store) = store else {
             shared.metrics.serve_errors.inc();
             let msg = encode_err(
@@ -207,6 +234,44 @@ async fn serve_requests(stream: &mut TcpStream, shared: &Shared) -> Result<()> {
                 warn!(layer = %req.digest, index, error = %e, "cannot serve block to a child");
                 let msg = encode_err(Status::Unavailable, &e.to_string());
                 stream.write_all(&msg).await.map_err(io)?;
+            }
+        }
+    }
+}
+
+/// Waits up to [`LAYER_GRACE`] for layer `digest` to be registered, sending keep-alives;
+/// `None` if it did not come (or did not come for an earlier request either).
+async fn wait_for_layer(
+    stream: &mut TcpStream,
+    shared: &Shared,
+    digest: &str,
+) -> Result<Option<Arc<BlockStore>>> {
+    if shared.given_up.read().unwrap().contains(digest) {
+        return Ok(None);
+    }
+    debug!(layer = %digest, "request for a layer not mounted yet; waiting for it");
+    let deadline = tokio::time::Instant::now() + LAYER_GRACE;
+    let mut keepalive = tokio::time::interval(Duration::from_millis(KEEPALIVE_INTERVAL_MS));
+    keepalive.tick().await; // the first tick is immediate
+    loop {
+        let registered = shared.registered.notified();
+        tokio::pin!(registered);
+        registered.as_mut().enable();
+        if let Some(store) = shared.layer(digest) {
+            return Ok(Some(store));
+        }
+        tokio::select! {
+            _ = &mut registered => {}
+            _ = keepalive.tick() => {
+                let h = peer_protocol::encode_response_header(Status::KeepAlive, 0);
+                stream
+                    .write_all(&h)
+                    .await
+                    .map_err(|e| LazyError::io("peer connection", e))?;
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                shared.given_up.write().unwrap().insert(digest.to_string());
+                return Ok(shared.layer(digest));
             }
         }
     }
