@@ -301,6 +301,25 @@ pub struct Vm {
     pub snapshotter: Snapshotter,
 }
 
+impl Drop for Vm {
+    fn drop(&mut self) {
+        keep_log(
+            &format!("{}-snapshotter.log", self.name),
+            &self.snapshotter.log(),
+        );
+    }
+}
+
+/// With `FAASNET_TEST_LOGS=DIR` set, writes `text` to `DIR/name` (logs of daemons whose
+/// temporary directories are deleted at the end of a test).
+pub fn keep_log(name: &str, text: &str) {
+    if let Some(dir) = std::env::var_os("FAASNET_TEST_LOGS") {
+        let dir = PathBuf::from(dir);
+        let _ = std::fs::create_dir_all(&dir);
+        let _ = std::fs::write(dir.join(name), text);
+    }
+}
+
 impl Vm {
     /// Starts the VM's snapshotter with `opts`, then its containerd (in `opts.netns`).
     pub fn start(name: &str, opts: &SnapshotterOptions) -> anyhow::Result<Vm> {
