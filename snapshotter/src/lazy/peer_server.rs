@@ -37,7 +37,7 @@ use super::{
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long a request for a layer that is not registered waits for it (well below a
 /// child's fetch timeout, so a child whose parent never mounts the layer loses little).
-pub const LAYER_GRACE: Duration = Duration::from_secs(3);
+pub const LAYER_GRACE: Duration = Duration::from_secs(6);
 
 struct Shared {
     layers: RwLock<HashMap<String, Arc<BlockStore>>>,
