@@ -3,9 +3,9 @@
 //!
 //! The original busybox image is pulled through snapshotter `faasnet` twice, on two VMs
 //! (snapshotter + containerd each; within one containerd, a second pull would reuse the
-//! first one's committed layer without asking the snapshotter): with `ctr-remote images rpull` (its Prepare carries the
-//! remote-layer labels, the lazy path looks at the blob, finds no FaaSNet footer and says
-//! "ordinary path") and with plain `ctr images pull` (ctr 1.6 fetches every blob, then
+//! first one's committed layer without asking the snapshotter): with `ctr-remote images
+//! rpull` (its Prepare carries the remote-layer labels, the lazy path looks at the blob,
+//! finds no FaaSNet footer and says "ordinary path") and with plain `ctr images pull` (ctr 1.6 fetches every blob, then
 //! unpacks with no labels at all, so the lazy path is not even asked). Both unpack the layer
 //! the way containerd's overlayfs snapshotter does: the snapshotter prepares and commits
 //! it, the layer blob is in containerd's content store, nothing is mounted through FUSE, no
