@@ -148,6 +148,7 @@ pub struct Snapshotter {
     /// Where its peer server listens.
     pub peer_listen: String,
     daemon: Daemon,
+    netns: Option<String>,
     dir: tempfile::TempDir,
 }
 
@@ -180,33 +181,29 @@ impl Snapshotter {
                  token = \"{TOKEN}\"\nnode_id = \"{node_id}\"\n"
             );
         }
-        let config_path = d.join("snapshotter.toml");
-        std::fs::write(&config_path, config)?;
-        let mut cmd = in_netns(
-            opts.netns.as_deref(),
-            workspace_binary("snapshotter").to_str().unwrap(),
-        );
-        cmd.arg("--config").arg(&config_path);
-        cmd.env_remove("RUST_LOG");
-        let mut daemon = Daemon::spawn("snapshotter", cmd, &d.join("snapshotter.log"))?;
-        crate::wait_until(
-            "snapshotter socket and metrics",
-            Duration::from_secs(30),
-            || {
-                if daemon.check_alive().is_err() {
-                    return Some(());
-                }
-                (socket.exists() && fetch_metrics(&metrics_address).is_ok()).then_some(())
-            },
-        )?;
-        daemon.check_alive()?;
+        std::fs::write(d.join("snapshotter.toml"), config)?;
+        let daemon = spawn_snapshotter(d, opts.netns.as_deref(), &socket, &metrics_address)?;
         Ok(Snapshotter {
             socket,
             metrics_address,
             peer_listen,
             daemon,
+            netns: opts.netns.clone(),
             dir,
         })
+    }
+
+    /// Stops the daemon (SIGTERM) and starts it again on the same root, socket and config,
+    /// as an operator's restart would; waits until it serves again.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.daemon.stop();
+        self.daemon = spawn_snapshotter(
+            self.dir.path(),
+            self.netns.as_deref(),
+            &self.socket,
+            &self.metrics_address,
+        )?;
+        Ok(())
     }
 
     /// Its metrics now.
@@ -246,6 +243,34 @@ impl Drop for Snapshotter {
         self.daemon.stop();
         self.detach_mounts();
     }
+}
+
+/// Starts `snapshotter --config DIR/snapshotter.toml` (in `netns`), logging to
+/// DIR/snapshotter.log, and waits for its socket and metrics endpoint.
+fn spawn_snapshotter(
+    dir: &Path,
+    netns: Option<&str>,
+    socket: &Path,
+    metrics_address: &str,
+) -> anyhow::Result<Daemon> {
+    let mut cmd = in_netns(netns, workspace_binary("snapshotter").to_str().unwrap());
+    cmd.arg("--config").arg(dir.join("snapshotter.toml"));
+    cmd.env_remove("RUST_LOG");
+    let mut daemon = Daemon::spawn("snapshotter", cmd, &dir.join("snapshotter.log"))?;
+    crate::wait_until(
+        "snapshotter socket and metrics",
+        Duration::from_secs(30),
+        || {
+            if daemon.check_alive().is_err() {
+                return Some(());
+            }
+            // Connect, not just exists: a restarted daemon finds its predecessor's socket file.
+            let serving = std::os::unix::net::UnixStream::connect(socket).is_ok();
+            (serving && fetch_metrics(metrics_address).is_ok()).then_some(())
+        },
+    )?;
+    daemon.check_alive()?;
+    Ok(daemon)
 }
 
 /// GET http://ADDRESS/metrics, parsed.
