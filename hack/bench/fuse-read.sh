@@ -6,7 +6,7 @@
 # Usage:
 #   hack/bench/fuse-read.sh [--runs N] [--rate RATE] [--port P] [--subnet A.B.C]
 #                           [--only warm|cold] [--no-build] [--no-doc] [--doc FILE] [--keep]
-#                           [--snapshotter PATH]
+#                           [--snapshotter PATH] [--no-pull]
 #
 #   --runs N      runs of every measurement, medians reported (default 3)
 #   --rate RATE   tc tbf rate of the cold link, tc syntax (default 200mbit)
@@ -14,6 +14,7 @@
 #   --subnet ABC  /24 of the bench bridge, as A.B.C (default 10.79.1): host A.B.C.1, netns A.B.C.10
 #   --only        run one phase only (the doc is then not written)
 #   --no-build    use the release binaries as they are
+#   --no-pull     skip the cold `ctr images pull` baseline
 #   --keep        leave the work dir (logs, configs) behind for inspection
 #   --snapshotter PATH  benchmark another snapshotter binary (e.g. an experimental build in a
 #                 copy of the tree); implies --no-build and --no-doc. The environment is passed
@@ -68,6 +69,7 @@ ONLY=""
 BUILD=1
 WRITE_DOC=1
 KEEP=0
+PULL=0
 SNAP_GIVEN=""
 DOC="${REPO_ROOT}/docs/benchmarks-fuse.md"
 while [[ $# -gt 0 ]]; do
@@ -81,6 +83,7 @@ while [[ $# -gt 0 ]]; do
     --no-doc) WRITE_DOC=0; shift ;;
     --doc) DOC="${2:?--doc needs a value}"; shift 2 ;;
     --keep) KEEP=1; shift ;;
+    --no-pull) PULL=1; shift ;;
     --snapshotter) SNAP_GIVEN="$(realpath "${2:?--snapshotter needs a path}")"; BUILD=0; WRITE_DOC=0; shift 2 ;;
     -h | --help) usage 0 ;;
     *) log "unknown argument '$1'"; usage ;;
@@ -523,7 +526,7 @@ if [[ "$ONLY" != warm ]]; then
     log "cold: run ${r}/${RUNS}: largest file, whole image, full pull baseline (link ${RATE})"
     cold_run file
     cold_run tar
-    pull_run
+    if [[ "$PULL" == 0 ]]; then pull_run; fi
   done
   teardown_phase cold
 fi
@@ -601,8 +604,10 @@ report() {
     echo "Whole image end to end (rpull + mount + tar of every file, the whole converted image crosses the link): ${e2e} s median; the converted image alone needs $(awk -v b="$CONV_BYTES" -v r="$RATE_BPS" 'BEGIN { printf "%.2f", b / r }') s at the tc rate, so end-to-end link use is **$(awk -v b="$CONV_BYTES" -v r="$RATE_BPS" -v t="$e2e" 'BEGIN { printf "%.2fx", b / r / t }')**."
     echo
     local pull_s
-    pull_s="$(median "$RES/pull" 2)"
-    echo "Baseline over the same link: \`ctr images pull\` of the original gzip image (download ${ORIG_BYTES} bytes + unpack into overlayfs): ${pull_s} s median (runs $(awk '{ printf "%s%.1f", sep, $2; sep = " / " }' "$RES/pull") s), wire $(awk '{ print $5 / $2 / 1e6 }' "$RES/pull" | sort -g | awk '{ v[NR] = $1 } END { printf "%.1f", (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }') MB/s. Converted image at the tc rate: $(awk -v b="$CONV_BYTES" -v r="$RATE_BPS" 'BEGIN { printf "%.1f", b / r }') s."
+    if [[ -f "$RES/pull" ]]; then
+      pull_s="$(median "$RES/pull" 2)"
+      echo "Baseline over the same link: \`ctr images pull\` of the original gzip image (download ${ORIG_BYTES} bytes + unpack into overlayfs): ${pull_s} s median (runs $(awk '{ printf "%s%.1f", sep, $2; sep = " / " }' "$RES/pull") s), wire $(awk '{ print $5 / $2 / 1e6 }' "$RES/pull" | sort -g | awk '{ v[NR] = $1 } END { printf "%.1f", (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }') MB/s. Converted image at the tc rate: $(awk -v b="$CONV_BYTES" -v r="$RATE_BPS" 'BEGIN { printf "%.1f", b / r }') s."
+    fi
     echo
     echo "Target: cold link use >= 0.8x."
   fi
