@@ -86,6 +86,16 @@ pub struct LazyConfig {
     /// Timeout of one block fetch (from a peer or the registry), in milliseconds, before
     /// trying the next source.
     pub fetch_timeout_ms: u64,
+    /// Fetch every block of a mounted layer in the background, so this node can feed its
+    /// children and later reads hit the cache.
+    pub prefetch: bool,
+    /// Concurrent background fetches per layer. Kept low: prefetch shares the link with
+    /// on-demand reads, which must not queue behind it (docs/benchmarks-fuse.md).
+    pub prefetch_concurrency: usize,
+    /// Most blocks per coalesced registry request when prefetching at the tree's root.
+    pub prefetch_run_blocks: usize,
+    /// Blocks fetched ahead of each on-demand read (0: none).
+    pub readahead_blocks: usize,
 }
 
 /// `[coordinator]`: where this node learns its upstream in each function tree.
@@ -128,6 +138,10 @@ impl Default for LazyConfig {
             peer_advertise: None,
             insecure_registries: Vec::new(),
             fetch_timeout_ms: 10_000,
+            prefetch: true,
+            prefetch_concurrency: 1,
+            prefetch_run_blocks: 2,
+            readahead_blocks: 8,
         }
     }
 }
@@ -208,6 +222,12 @@ impl Config {
         }
         if self.lazy.cache_quota_bytes == 0 {
             return invalid("lazy.cache_quota_bytes", "must be greater than 0");
+        }
+        if self.lazy.prefetch_concurrency == 0 {
+            return invalid("lazy.prefetch_concurrency", "must be at least 1");
+        }
+        if self.lazy.prefetch_run_blocks == 0 {
+            return invalid("lazy.prefetch_run_blocks", "must be at least 1");
         }
         if self.lazy.fetch_timeout_ms == 0 {
             return invalid("lazy.fetch_timeout_ms", "must be greater than 0");

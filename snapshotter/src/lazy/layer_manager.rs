@@ -65,10 +65,11 @@ impl Default for LayerOptions {
             fetch_timeout: Duration::from_secs(10),
             stall_timeout: Duration::from_secs(2),
             prefetch: true,
-            prefetch_concurrency: 4,
-            prefetch_run_blocks: 8,
+            // As the daemon's defaults (config.rs); reasons in docs/benchmarks-fuse.md.
+            prefetch_concurrency: 1,
+            prefetch_run_blocks: 2,
             fuse_threads: 4,
-            readahead_blocks: 4,
+            readahead_blocks: 8,
         }
     }
 }
@@ -83,6 +84,10 @@ impl LayerOptions {
             peer_listen: Some(lazy.peer_listen),
             insecure_registries: lazy.insecure_registries.clone(),
             fetch_timeout: Duration::from_millis(lazy.fetch_timeout_ms),
+            prefetch: lazy.prefetch,
+            prefetch_concurrency: lazy.prefetch_concurrency,
+            prefetch_run_blocks: lazy.prefetch_run_blocks,
+            readahead_blocks: lazy.readahead_blocks,
             ..LayerOptions::default()
         }
     }
