@@ -96,6 +96,9 @@ pub struct LazyConfig {
     pub prefetch_run_blocks: usize,
     /// Blocks fetched ahead of each on-demand read (0: none).
     pub readahead_blocks: usize,
+    /// Memory for decompressed blocks (LRU), in bytes: whole-image reads revisit blocks
+    /// in directory order, which is not the layer's order.
+    pub memory_cache_bytes: u64,
 }
 
 /// `[coordinator]`: where this node learns its upstream in each function tree.
@@ -142,6 +145,7 @@ impl Default for LazyConfig {
             prefetch_concurrency: 1,
             prefetch_run_blocks: 2,
             readahead_blocks: 8,
+            memory_cache_bytes: 256 << 20,
         }
     }
 }

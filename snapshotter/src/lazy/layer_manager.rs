@@ -88,6 +88,7 @@ impl LayerOptions {
             prefetch_concurrency: lazy.prefetch_concurrency,
             prefetch_run_blocks: lazy.prefetch_run_blocks,
             readahead_blocks: lazy.readahead_blocks,
+            mem_cache_bytes: lazy.memory_cache_bytes as usize,
             ..LayerOptions::default()
         }
     }
