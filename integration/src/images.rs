@@ -229,7 +229,7 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<String> {
 /// GET `url` with curl (manifest media types accepted).
 pub fn http_get(url: &str) -> anyhow::Result<Vec<u8>> {
     let out = Command::new("curl")
-        .args(["-fsSL", "--max-time", "60"])
+        .args(["-fsSL", "--max-time", "120"])
         .args([
             "-H",
             "Accept: application/vnd.oci.image.manifest.v1+json",

@@ -28,20 +28,18 @@ use std::fmt::Write as _;
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 
 use anyhow::{bail, ensure, Context as _};
-use faasnet_integration::binaries::{hack_script, workspace_binary};
+use faasnet_integration::binaries::workspace_binary;
 use faasnet_integration::containerd::{Containerd, ContainerdOptions};
+use faasnet_integration::images::{
+    fetch_manifest, first_difference, http_get, images_sh, run, CONVERTED_TAG,
+};
 use faasnet_integration::registry::Registry;
 use faasnet_integration::require_root;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-
-/// Where hack/images.sh keeps built images when the caller did not say (as hack/test.sh).
-const DEFAULT_IMAGES_CACHE: &str = "/var/cache/faasnet/images";
-/// Tag the converted image gets, in the same repository as the original.
-const CONVERTED_TAG: &str = "faasnet";
 
 #[test]
 fn busybox_converted_layers_and_container_match_the_original() {
@@ -679,61 +677,6 @@ impl Features {
 // ---------------------------------------------------------------------------------------------
 // processes and HTTP
 
-/// Runs hack/images.sh with the shared image cache; returns stdout.
-fn images_sh(args: &[&str]) -> anyhow::Result<String> {
-    let mut cmd = Command::new(hack_script("images.sh"));
-    cmd.args(args);
-    if std::env::var_os("FAASNET_IMAGES_CACHE").is_none() {
-        cmd.env("FAASNET_IMAGES_CACHE", DEFAULT_IMAGES_CACHE);
-    }
-    run(&mut cmd)
-}
-
-/// Runs `cmd` (stderr passed through, so build and convert progress shows with --nocapture);
-/// fails unless it exits 0; returns stdout.
-fn run(cmd: &mut Command) -> anyhow::Result<String> {
-    let out: Output = cmd
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| format!("start {cmd:?}"))?;
-    ensure!(
-        out.status.success(),
-        "{cmd:?} exited with {} (its stderr is above); stdout: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout)
-    );
-    String::from_utf8(out.stdout).context("stdout is not UTF-8")
-}
-
-fn http_get(url: &str) -> anyhow::Result<Vec<u8>> {
-    let out = Command::new("curl")
-        .args(["-fsSL", "--max-time", "120"])
-        .args([
-            "-H",
-            "Accept: application/vnd.oci.image.manifest.v1+json",
-            "-H",
-            "Accept: application/vnd.docker.distribution.manifest.v2+json",
-        ])
-        .arg(url)
-        .stdin(Stdio::null())
-        .output()
-        .context("run curl")?;
-    ensure!(
-        out.status.success(),
-        "GET {url}: curl exited with {}: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(out.stdout)
-}
-
-fn fetch_manifest(addr: &str, repo: &str, reference: &str) -> anyhow::Result<Value> {
-    let body = http_get(&format!("http://{addr}/v2/{repo}/manifests/{reference}"))?;
-    serde_json::from_slice(&body)
-        .with_context(|| format!("manifest {repo}:{reference} is not JSON"))
-}
-
 /// Downloads blob `digest` into `dir` with a plain HTTP GET and checks its digest.
 fn fetch_blob(addr: &str, repo: &str, digest: &str, dir: &Path) -> anyhow::Result<PathBuf> {
     let hex = digest
@@ -773,24 +716,6 @@ fn str_of(v: &Value) -> &str {
 fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-/// The first differing line of two outputs, for readable failures.
-fn first_difference(a: &str, b: &str) -> String {
-    let (la, lb): (Vec<&str>, Vec<&str>) = (a.lines().collect(), b.lines().collect());
-    for i in 0..la.len().max(lb.len()) {
-        if la.get(i) != lb.get(i) {
-            return format!(
-                "first difference at line {}:\n  expected: {:?}\n  got:      {:?}\n({} vs {} lines)",
-                i + 1,
-                la.get(i),
-                lb.get(i),
-                la.len(),
-                lb.len()
-            );
-        }
-    }
-    "(same lines; the difference is in line endings)".to_string()
 }
 
 /// The entry comparison itself must notice each kind of difference the layer check relies on
