@@ -401,3 +401,48 @@ pub fn summary(tree: &Tree, unpacked_since: i64) -> String {
         tree.len()
     )
 }
+
+/// Checks the lazily pulled image against the original, the way a user would: pulls
+/// `original` in containerd namespace `orig` with containerd's own overlayfs snapshotter,
+/// mounts both images' rootfs read-only (the lazy one from namespace `lazy_ns` through
+/// snapshotter `faasnet`; both images have chain ID `chain`), walks both and compares every
+/// entry. Returns the original tree's [`summary`] when they are identical; otherwise an error
+/// listing up to 30 differences. The mounts are gone when it returns.
+pub fn compare_with_original(
+    ctd: &Containerd,
+    lazy_ns: &str,
+    original: &str,
+    chain: &str,
+) -> anyhow::Result<String> {
+    let unpacked_since = unix_now() - 1;
+    ctd.ctr_ok(&["-n", "orig", "images", "pull", "--plain-http", original])?;
+    let lazy_mount = ImageMount::mount(ctd, lazy_ns, "faasnet", chain)?;
+    let orig_mount = ImageMount::mount(ctd, "orig", "overlayfs", chain)?;
+    let (lazy, orig) = std::thread::scope(|s| {
+        let l = s.spawn(|| read_tree(lazy_mount.path()));
+        let o = s.spawn(|| read_tree(orig_mount.path()));
+        (l.join().expect("walk"), o.join().expect("walk"))
+    });
+    let lazy = lazy.context("the lazily pulled rootfs")?;
+    let orig = orig.context("the original rootfs")?;
+    let diffs = compare_trees(&orig, &lazy, unpacked_since);
+    anyhow::ensure!(
+        diffs.is_empty(),
+        "the lazily pulled rootfs differs from the original image's in {} entries:\n{}",
+        diffs.len(),
+        diffs
+            .iter()
+            .take(30)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    Ok(summary(&orig, unpacked_since))
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}

@@ -24,7 +24,7 @@ use anyhow::{ensure, Context as _};
 use faasnet_integration::images::{expected_tricky, first_difference, TestImage, CONVERTED_TAG};
 use faasnet_integration::registry::Registry;
 use faasnet_integration::require_root;
-use faasnet_integration::rootfs::{compare_trees, read_tree, summary, ImageMount};
+use faasnet_integration::rootfs::compare_with_original;
 use faasnet_integration::stack::{log_tail, SnapshotterOptions, Vm};
 
 #[test]
@@ -109,44 +109,12 @@ fn lazy_single_vm_inner(
     );
 
     // 3. Every file of the lazily pulled rootfs against the original image's.
-    let unpacked_since = unix_now() - 1;
-    vm.containerd.ctr_ok(&[
-        "-n",
-        "orig",
-        "images",
-        "pull",
-        "--plain-http",
-        &image.original,
-    ])?;
-    let chain = image.chain_id()?;
-    let lazy_mount = ImageMount::mount(&vm.containerd, "lazy", "faasnet", &chain)?;
-    let orig_mount = ImageMount::mount(&vm.containerd, "orig", "overlayfs", &chain)?;
     let t = Instant::now();
-    let (lazy, orig) = std::thread::scope(|s| {
-        let l = s.spawn(|| read_tree(lazy_mount.path()));
-        let o = s.spawn(|| read_tree(orig_mount.path()));
-        (l.join().expect("walk"), o.join().expect("walk"))
-    });
-    let (lazy, orig) = (
-        lazy.context("lazy rootfs")?,
-        orig.context("original rootfs")?,
-    );
-    let diffs = compare_trees(&orig, &lazy, unpacked_since);
-    ensure!(
-        diffs.is_empty(),
-        "the lazily pulled rootfs differs from the original image's in {} entries:\n{}",
-        diffs.len(),
-        diffs
-            .iter()
-            .take(30)
-            .cloned()
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
+    let summary =
+        compare_with_original(&vm.containerd, "lazy", &image.original, &image.chain_id()?)?;
     eprintln!(
-        "{name}: rootfs identical to the original ({:.1?}): {}",
-        t.elapsed(),
-        summary(&orig, unpacked_since)
+        "{name}: rootfs identical to the original ({:.1?}): {summary}",
+        t.elapsed()
     );
     let m = vm.snapshotter.metrics()?;
     eprintln!(
@@ -155,16 +123,6 @@ fn lazy_single_vm_inner(
         m.lazy_blocks("cache"),
         m.lazy_blocks("peer")
     );
-    // Unmount the views before containerd and the snapshotter go.
-    drop(lazy_mount);
-    drop(orig_mount);
     drop(vm);
     Ok(())
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
 }
