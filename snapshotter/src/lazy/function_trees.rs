@@ -122,11 +122,6 @@ impl FunctionTrees {
             }
         }
     }
-
-    /// Functions (trees) this VM is in.
-    pub async fn functions(&self) -> Vec<String> {
-        self.trees.lock().await.keys().cloned().collect()
-    }
 }
 
 /// The upstream of this VM in one function tree, kept current by the coordinator's watch.

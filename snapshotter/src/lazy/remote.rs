@@ -138,12 +138,20 @@ pub enum Upstreams {
 pub struct LazyRemoteLayers {
     manager: Arc<LayerManager>,
     upstreams: Upstreams,
+    /// Manifest digests already resolved, keyed by image reference and layer list: containerd
+    /// prepares an image's layers one after another, and each would otherwise cost a registry
+    /// round trip. A tag moved to another image comes with another layer list, so never hits.
+    functions: std::sync::Mutex<HashMap<(String, Vec<String>), String>>,
 }
 
 impl LazyRemoteLayers {
     /// Over `manager`, with upstreams from `upstreams`.
     pub fn new(manager: Arc<LayerManager>, upstreams: Upstreams) -> Self {
-        LazyRemoteLayers { manager, upstreams }
+        LazyRemoteLayers {
+            manager,
+            upstreams,
+            functions: Default::default(),
+        }
     }
 
     /// The daemon's lazy path from its configuration: `[lazy]` for the cache and peer
@@ -195,7 +203,7 @@ impl LazyRemoteLayers {
                 // Only converted layers join a tree: check the format (the TOC, which the
                 // mount needs anyway) before telling the coordinator anything.
                 self.manager.toc(&l.layer, l.blob_size).await?;
-                let function = self.manager.registry().manifest_digest(&l.image).await?;
+                let function = self.function_of(l).await?;
                 trees
                     .acquire(&function, mountpoint)
                     .await
@@ -210,6 +218,24 @@ impl LazyRemoteLayers {
             self.release(mountpoint).await;
         }
         mounted
+    }
+
+    /// The function (tree) the layer's image belongs to: its manifest digest.
+    async fn function_of(&self, l: &RemoteLayerLabels) -> Result<String> {
+        // Without the layer list the cache key could not tell a moved tag: always ask.
+        let key = (!l.image_layers.is_empty())
+            .then(|| (l.image.reference.clone(), l.image_layers.clone()));
+        if let Some(f) = key
+            .as_ref()
+            .and_then(|k| self.functions.lock().unwrap().get(k).cloned())
+        {
+            return Ok(f);
+        }
+        let function = self.manager.registry().manifest_digest(&l.image).await?;
+        if let Some(k) = key {
+            self.functions.lock().unwrap().insert(k, function.clone());
+        }
+        Ok(function)
     }
 
     async fn release(&self, mountpoint: &Path) {
