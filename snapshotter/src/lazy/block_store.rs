@@ -36,8 +36,17 @@ use super::{
 pub enum Purpose {
     /// A read by a container (FUSE) or a child node: someone waits.
     OnDemand,
+    /// Read-ahead after an on-demand read: nobody waits yet, but soon will, so upstream
+    /// peers treat it as urgent; it does not hold prefetch back.
+    ReadAhead,
     /// Background prefetch.
     Prefetch,
+}
+
+tokio::task_local! {
+    /// The purpose of the fetch running in this task, for sources that pass it on (a peer
+    /// serves prefetch requests last). Set around every fetch the store starts.
+    pub static FETCH_PURPOSE: Purpose;
 }
 
 type FetchResult = std::result::Result<Bytes, Arc<LazyError>>;
@@ -339,7 +348,7 @@ impl BlockStore {
         flights.in_flight.insert(index, flight.clone());
         let me = self.clone();
         let guard = (purpose == Purpose::OnDemand).then(|| self.gate.enter());
-        tokio::spawn(async move {
+        tokio::spawn(FETCH_PURPOSE.scope(purpose, async move {
             let result = me.chain.fetch(&me.layer, index, &entry).await;
             drop(guard);
             let result = match result {
@@ -357,7 +366,7 @@ impl BlockStore {
                 }
             };
             let _ = tx.send(result);
-        });
+        }));
         flight
     }
 
@@ -400,7 +409,7 @@ impl BlockStore {
         }
         let entry = self.toc.blocks[index].clone();
         // Dropping the handle does not cancel the fetch: it runs in its own task.
-        drop(self.start_fetch(&mut f, index, entry, Purpose::Prefetch));
+        drop(self.start_fetch(&mut f, index, entry, Purpose::ReadAhead));
     }
 
     /// Prefetch at the root: fetches up to `max` consecutive missing blocks from `start` in

@@ -4,9 +4,13 @@
 //! All integers are little-endian.
 //!
 //! ```text
-//! request:  "FNBQ" | version u8 (1) | op u8 (1 = get block) | digest_len u16 | digest | index u32
+//! request:  "FNBQ" | version u8 (1) | op u8 | digest_len u16 | digest | index u32
 //! response: "FNBR" | version u8 (1) | status u8 | length u32 | payload (length bytes)
 //! ```
+//!
+//! The op says how urgent the block is: 1 = get block (someone waits: a container read or a
+//! read-ahead), 2 = get block for prefetch. A peer sends prefetch blocks only while it sends
+//! no urgent one, so on its uplink a child's start never queues behind a sibling's prefetch.
 //!
 //! A response with status [`Status::KeepAlive`] (length 0) says "still fetching that block
 //! from my own upstream": the peer sends one every [`KEEPALIVE_INTERVAL_MS`] so that the
@@ -24,8 +28,10 @@ pub const REQUEST_MAGIC: &[u8; 4] = b"FNBQ";
 pub const RESPONSE_MAGIC: &[u8; 4] = b"FNBR";
 /// Protocol version.
 pub const VERSION: u8 = 1;
-/// Operation: get one block.
+/// Operation: get one block that someone waits for.
 pub const OP_GET_BLOCK: u8 = 1;
+/// Operation: get one block for prefetch (served after every [`OP_GET_BLOCK`]).
+pub const OP_PREFETCH_BLOCK: u8 = 2;
 /// Largest digest string accepted in a request.
 pub const MAX_DIGEST_LEN: usize = 128;
 /// Largest payload accepted: the largest stored block (4 MiB of raw data plus LZ4's worst
@@ -47,6 +53,16 @@ fn err<T>(msg: impl Into<String>) -> Result<T, ProtocolError> {
     Err(ProtocolError(msg.into()))
 }
 
+/// How urgent a requested block is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Priority {
+    /// Someone waits for it (a container read, a read-ahead, a child's urgent request).
+    #[default]
+    Urgent,
+    /// Background prefetch: sent only when no urgent block is being sent.
+    Prefetch,
+}
+
 /// A request for block `index` of the layer whose blob digest is `digest`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlockRequest {
@@ -54,6 +70,8 @@ pub struct BlockRequest {
     pub digest: String,
     /// Block index in the layer's block table.
     pub index: u32,
+    /// How urgent it is.
+    pub priority: Priority,
 }
 
 /// Status of a response.
@@ -104,7 +122,10 @@ pub fn encode_request(req: &BlockRequest) -> Vec<u8> {
     let mut v = Vec::with_capacity(REQUEST_HEADER_LEN + digest.len() + 4);
     v.extend_from_slice(REQUEST_MAGIC);
     v.push(VERSION);
-    v.push(OP_GET_BLOCK);
+    v.push(match req.priority {
+        Priority::Urgent => OP_GET_BLOCK,
+        Priority::Prefetch => OP_PREFETCH_BLOCK,
+    });
     v.extend_from_slice(&(digest.len() as u16).to_le_bytes());
     v.extend_from_slice(digest);
     v.extend_from_slice(&req.index.to_le_bytes());
@@ -122,7 +143,7 @@ pub fn decode_request_header(buf: &[u8]) -> Result<usize, ProtocolError> {
     if buf[4] != VERSION {
         return err(format!("unsupported protocol version {}", buf[4]));
     }
-    if buf[5] != OP_GET_BLOCK {
+    if buf[5] != OP_GET_BLOCK && buf[5] != OP_PREFETCH_BLOCK {
         return err(format!("unknown operation {}", buf[5]));
     }
     let len = u16::from_le_bytes([buf[6], buf[7]]) as usize;
@@ -155,7 +176,20 @@ pub fn decode_request(buf: &[u8]) -> Result<Option<(BlockRequest, usize)>, Proto
         Err(_) => return err("digest is not UTF-8"),
     };
     let index = u32::from_le_bytes([index[0], index[1], index[2], index[3]]);
-    Ok(Some((BlockRequest { digest, index }, total)))
+    // The header decoder admitted only the two known ops.
+    let priority = if buf[5] == OP_PREFETCH_BLOCK {
+        Priority::Prefetch
+    } else {
+        Priority::Urgent
+    };
+    Ok(Some((
+        BlockRequest {
+            digest,
+            index,
+            priority,
+        },
+        total,
+    )))
 }
 
 /// Serializes a response header.
@@ -233,6 +267,7 @@ mod tests {
         let req = BlockRequest {
             digest: format!("sha256:{}", "ab".repeat(32)),
             index: 77,
+            priority: Priority::Prefetch,
         };
         let bytes = encode_request(&req);
         for cut in 0..bytes.len() {
@@ -275,7 +310,11 @@ mod tests {
             index in any::<u32>(),
             flips in proptest::collection::vec((0usize..96, any::<u8>()), 0..6),
         ) {
-            let mut req = encode_request(&BlockRequest { digest: "sha256:00".into(), index });
+            let mut req = encode_request(&BlockRequest {
+                digest: "sha256:00".into(),
+                index,
+                priority: Priority::Urgent,
+            });
             let mut resp = encode_response(Status::Unavailable, b"no upstream");
             for (pos, val) in flips {
                 if let Some(b) = req.get_mut(pos) { *b = val; }

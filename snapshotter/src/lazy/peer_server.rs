@@ -10,11 +10,18 @@
 //! a moment before its parent does, and answering "unknown layer" at once would send the
 //! child to the registry for that block. A layer that did not come within the grace is
 //! answered "unknown" at once afterwards, until it is registered.
+//!
+//! The uplink is shared by all children, so it gives strict priority to urgent blocks: a block
+//! requested for prefetch is written only while no urgent block is being written. Otherwise a
+//! child's start would queue behind its sibling's prefetch.
 
 use std::{
     collections::{HashMap, HashSet},
     net::SocketAddr,
-    sync::{Arc, RwLock},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, RwLock,
+    },
     time::Duration,
 };
 
@@ -29,7 +36,7 @@ use tracing::{debug, info, warn, Instrument};
 use super::{
     block_store::{BlockStore, Purpose},
     metrics::LazyMetrics,
-    peer_protocol::{self, Status, KEEPALIVE_INTERVAL_MS, REQUEST_HEADER_LEN},
+    peer_protocol::{self, Priority, Status, KEEPALIVE_INTERVAL_MS, REQUEST_HEADER_LEN},
     LazyError, Result,
 };
 
@@ -45,7 +52,44 @@ struct Shared {
     given_up: RwLock<HashSet<String>>,
     /// Woken when a layer is registered.
     registered: Notify,
+    uplink: Uplink,
     metrics: Arc<LazyMetrics>,
+}
+
+/// Strict priority on this node's uplink: urgent blocks being written hold prefetch back.
+#[derive(Default)]
+struct Uplink {
+    urgent_writes: AtomicUsize,
+    idle: Notify,
+}
+
+impl Uplink {
+    /// Marks an urgent write until the guard drops.
+    fn urgent(&self) -> UrgentWrite<'_> {
+        self.urgent_writes.fetch_add(1, Ordering::AcqRel);
+        UrgentWrite(self)
+    }
+
+    /// Waits until no urgent block is being written.
+    async fn wait_no_urgent(&self) {
+        loop {
+            let idle = self.idle.notified();
+            if self.urgent_writes.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+}
+
+struct UrgentWrite<'a>(&'a Uplink);
+
+impl Drop for UrgentWrite<'_> {
+    fn drop(&mut self) {
+        if self.0.urgent_writes.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
 }
 
 impl Shared {
@@ -88,6 +132,7 @@ impl PeerServer {
             layers: RwLock::new(HashMap::new()),
             given_up: RwLock::new(HashSet::new()),
             registered: Notify::new(),
+            uplink: Uplink::default(),
             metrics,
         });
         let task = tokio::spawn(accept_loop(listener, shared.clone()));
@@ -207,8 +252,13 @@ async fn serve_requests(stream: &mut TcpStream, shared: &Shared) -> Result<()> {
             stream.write_all(&msg).await.map_err(io)?;
             continue;
         }
-        // Children wait on this: it competes with local reads, not with prefetch.
-        let fetch = store.stored_block(index, Purpose::OnDemand);
+        // An urgent request competes with local reads, not with prefetch; a prefetch request
+        // is fetched (if need be) as prefetch here too.
+        let purpose = match req.priority {
+            Priority::Urgent => Purpose::OnDemand,
+            Priority::Prefetch => Purpose::Prefetch,
+        };
+        let fetch = store.stored_block(index, purpose);
         tokio::pin!(fetch);
         let mut keepalive = tokio::time::interval(Duration::from_millis(KEEPALIVE_INTERVAL_MS));
         keepalive.tick().await; // the first tick is immediate
@@ -223,6 +273,24 @@ async fn serve_requests(stream: &mut TcpStream, shared: &Shared) -> Result<()> {
         };
         match result {
             Ok(bytes) => {
+                let _urgent = match req.priority {
+                    Priority::Urgent => Some(shared.uplink.urgent()),
+                    Priority::Prefetch => {
+                        // Keep-alives meanwhile: a long start on a sibling is not a stall.
+                        let wait = shared.uplink.wait_no_urgent();
+                        tokio::pin!(wait);
+                        loop {
+                            tokio::select! {
+                                () = &mut wait => break,
+                                _ = keepalive.tick() => {
+                                    let h = peer_protocol::encode_response_header(Status::KeepAlive, 0);
+                                    stream.write_all(&h).await.map_err(io)?;
+                                }
+                            }
+                        }
+                        None
+                    }
+                };
                 let h = peer_protocol::encode_response_header(Status::Ok, bytes.len() as u32);
                 stream.write_all(&h).await.map_err(io)?;
                 stream.write_all(&bytes).await.map_err(io)?;
@@ -281,4 +349,39 @@ fn encode_err(status: Status, msg: &str) -> Vec<u8> {
     // Messages are short; cap them anyway so the response stays within the protocol limit.
     let msg = &msg.as_bytes()[..msg.len().min(4096)];
     peer_protocol::encode_response(status, msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn prefetch_waits_for_urgent_writes() {
+        let uplink = Uplink::default();
+        // Nothing urgent: prefetch goes at once.
+        tokio::time::timeout(Duration::from_millis(100), uplink.wait_no_urgent())
+            .await
+            .expect("idle uplink");
+        let first = uplink.urgent();
+        let second = uplink.urgent();
+        let wait = uplink.wait_no_urgent();
+        tokio::pin!(wait);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), &mut wait)
+                .await
+                .is_err(),
+            "prefetch must wait while urgent blocks are written"
+        );
+        drop(first);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), &mut wait)
+                .await
+                .is_err(),
+            "one urgent write is still going"
+        );
+        drop(second);
+        tokio::time::timeout(Duration::from_millis(100), &mut wait)
+            .await
+            .expect("prefetch goes once the urgent writes are done");
+    }
 }

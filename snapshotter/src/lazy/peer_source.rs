@@ -16,7 +16,8 @@ use tokio::{
 
 use super::{
     block_source::BlockSource,
-    peer_protocol::{self, BlockRequest, Status, RESPONSE_HEADER_LEN},
+    block_store::{Purpose, FETCH_PURPOSE},
+    peer_protocol::{self, BlockRequest, Priority, Status, RESPONSE_HEADER_LEN},
     LayerRef, LazyError, Result,
 };
 
@@ -92,9 +93,15 @@ impl PeerSource {
         index: usize,
         entry: &BlockEntry,
     ) -> Result<Result<Bytes>> {
+        // Prefetch asks the peer to serve it last (its uplink is shared by its children).
+        let priority = match FETCH_PURPOSE.try_with(|p| *p) {
+            Ok(Purpose::Prefetch) => Priority::Prefetch,
+            _ => Priority::Urgent,
+        };
         let req = peer_protocol::encode_request(&BlockRequest {
             digest: layer.digest.clone(),
             index: index as u32,
+            priority,
         });
         tokio::time::timeout(self.stall, conn.write_all(&req))
             .await
