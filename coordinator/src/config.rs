@@ -48,6 +48,12 @@ fn default_lease_ttl_ms() -> u64 {
 fn default_sweep_interval_ms() -> u64 {
     1_000
 }
+fn default_probe_timeout_ms() -> u64 {
+    1_000
+}
+fn default_probe_interval_ms() -> u64 {
+    1_000
+}
 fn default_cache_bytes() -> u64 {
     64 << 20
 }
@@ -61,6 +67,8 @@ fn default_cache_bytes() -> u64 {
 /// metrics_listen = "127.0.0.1:9700"         # optional: Prometheus /metrics
 /// lease_ttl_ms = 10000
 /// sweep_interval_ms = 1000
+/// probe_timeout_ms = 1000                  # 0: no probes, leases only
+/// probe_interval_ms = 1000
 /// admin_token = "change-me"
 ///
 /// [tenants.acme]
@@ -87,6 +95,13 @@ pub struct Config {
     /// How often expired leases are swept.
     #[serde(default = "default_sweep_interval_ms")]
     pub sweep_interval_ms: u64,
+    /// How long a probe of a suspect node's peer address may take to connect (see
+    /// `health.rs`); 0 disables probes, so only leases remove dead nodes.
+    #[serde(default = "default_probe_timeout_ms")]
+    pub probe_timeout_ms: u64,
+    /// A node is probed at most once per this interval, however many reports name it.
+    #[serde(default = "default_probe_interval_ms")]
+    pub probe_interval_ms: u64,
     /// sled page cache size.
     #[serde(default = "default_cache_bytes")]
     pub sled_cache_bytes: u64,
@@ -169,6 +184,16 @@ impl Config {
     /// Sweep period.
     pub fn sweep_interval(&self) -> Duration {
         Duration::from_millis(self.sweep_interval_ms)
+    }
+
+    /// Probe connect timeout; `None` when probes are disabled.
+    pub fn probe_timeout(&self) -> Option<Duration> {
+        (self.probe_timeout_ms > 0).then(|| Duration::from_millis(self.probe_timeout_ms))
+    }
+
+    /// Minimum time between two probes of one node.
+    pub fn probe_interval(&self) -> Duration {
+        Duration::from_millis(self.probe_interval_ms)
     }
 }
 

@@ -77,12 +77,18 @@ pub enum RemoveReason {
     Expired,
     /// An administrator removed it.
     Admin,
+    /// Its peer address did not accept a connection when probed (after a child reported
+    /// it or its watch stream closed): see [`crate::health`].
+    Unreachable,
 }
 
 #[derive(Debug)]
 struct NodeInfo {
     addr: String,
     deadline: Instant,
+    /// The tree epoch of its join (0 when loaded from the store): tells a node that
+    /// re-joined apart from the one that was probed.
+    generation: u64,
     /// Created on the first Watch; dropping it ends the node's watch streams.
     watch: Option<Arc<watch::Sender<Upstream>>>,
 }
@@ -229,6 +235,7 @@ impl Forest {
                 let info = NodeInfo {
                     addr,
                     deadline: now + lease_ttl,
+                    generation: 0,
                     watch: None,
                 };
                 (id, info)
@@ -348,6 +355,7 @@ impl Forest {
             let info = NodeInfo {
                 addr: peer_addr.to_string(),
                 deadline: now + self.lease_ttl,
+                generation: epoch,
                 watch: None,
             };
             let delta = e
@@ -425,6 +433,7 @@ impl Forest {
             RemoveReason::Left => self.metrics.leaves.inc(),
             RemoveReason::Expired => self.metrics.expiries.inc(),
             RemoveReason::Admin => self.metrics.removals.inc(),
+            RemoveReason::Unreachable => self.metrics.unreachable_removals.inc(),
         };
         tracing::debug!(tree = %key, node_id, ?reason, moved = delta.changes.len(), "removed");
         Ok(e.notes(&delta))
@@ -557,6 +566,64 @@ impl Forest {
         })?;
         self.sync().await?;
         Ok(rx)
+    }
+
+    /// The node's peer address and generation (changes when it leaves and joins again), if
+    /// it is in the tree.
+    pub fn peer_of(&self, key: &TreeKey, node_id: &str) -> Option<(String, u64)> {
+        let entry = self.entry(key)?;
+        let e = entry.lock().unwrap();
+        e.tree.get(node_id).map(|i| (i.addr.clone(), i.generation))
+    }
+
+    /// True if `ancestor` is above `node_id` in the tree (its parent, grandparent...).
+    pub fn is_ancestor(&self, key: &TreeKey, node_id: &str, ancestor: &str) -> bool {
+        let Some(entry) = self.entry(key) else {
+            return false;
+        };
+        let e = entry.lock().unwrap();
+        e.tree
+            .ancestors(node_id)
+            .iter()
+            .any(|(id, _)| *id == ancestor)
+    }
+
+    /// True if someone watches the node's upstream now (its membership is connected).
+    pub fn is_watched(&self, key: &TreeKey, node_id: &str) -> bool {
+        let Some(entry) = self.entry(key) else {
+            return false;
+        };
+        let e = entry.lock().unwrap();
+        e.tree
+            .get(node_id)
+            .and_then(|i| i.watch.as_ref())
+            .is_some_and(|tx| tx.receiver_count() > 0)
+    }
+
+    /// Removes a node found unreachable, unless it left or joined again since it was
+    /// probed (`generation` from [`Forest::peer_of`]). Answers whether it was removed.
+    pub async fn remove_unreachable(
+        &self,
+        key: &TreeKey,
+        node_id: &str,
+        generation: u64,
+    ) -> Result<bool, ForestError> {
+        check_ref(key, Some(node_id))?;
+        self.check_healthy()?;
+        let Some(entry) = self.entry(key) else {
+            return Ok(false);
+        };
+        let notes = {
+            let mut e = entry.lock().unwrap();
+            match e.tree.get(node_id) {
+                Some(i) if i.generation == generation => {}
+                _ => return Ok(false),
+            }
+            self.remove_locked(key, &mut e, node_id, RemoveReason::Unreachable)?
+        };
+        self.sync().await?;
+        self.notify(notes);
+        Ok(true)
     }
 
     /// Removes every node whose lease ended at or before `now`; answers who was removed.

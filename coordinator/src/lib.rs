@@ -21,6 +21,7 @@ pub mod client;
 pub mod config;
 pub mod forest;
 pub mod function_tree;
+pub mod health;
 pub mod lease;
 pub mod metrics;
 pub mod server;

@@ -49,6 +49,13 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
 }
 
+/// Label of [`Metrics::probes`].
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    /// `alive` or `dead`.
+    pub result: &'static str,
+}
+
 /// Every metric the coordinator keeps.
 pub struct Metrics {
     registry: Registry,
@@ -70,6 +77,10 @@ pub struct Metrics {
     pub notifications: Counter,
     /// Reports of a failed upstream.
     pub bad_upstream_reports: Counter,
+    /// Probes of a suspect node's peer address, by result (`alive`, `dead`).
+    pub probes: Family<ResultLabel, Counter>,
+    /// Nodes removed because their peer address did not answer a probe.
+    pub unreachable_removals: Counter,
     /// RPC latency by method and outcome.
     pub rpc_latency: Family<MethodLabels, Histogram, fn() -> Histogram>,
 }
@@ -94,6 +105,8 @@ impl Metrics {
             rebalances: Counter::default(),
             notifications: Counter::default(),
             bad_upstream_reports: Counter::default(),
+            probes: Family::default(),
+            unreachable_removals: Counter::default(),
             rpc_latency: Family::new_with_constructor(latency_histogram),
             registry: Registry::default(),
         };
@@ -129,6 +142,16 @@ impl Metrics {
             "bad_upstream_reports",
             "Reports of a failed upstream",
             m.bad_upstream_reports.clone(),
+        );
+        registry.register(
+            "probes",
+            "Probes of a suspect node's peer address, by result",
+            m.probes.clone(),
+        );
+        registry.register(
+            "unreachable_removals",
+            "Nodes removed because their peer address did not answer a probe",
+            m.unreachable_removals.clone(),
         );
         registry.register(
             "rpc_duration_seconds",

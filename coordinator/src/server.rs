@@ -12,6 +12,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::config::Config;
 use crate::forest::{Forest, ForestError};
+use crate::health::{tcp_probe, Health};
 use crate::lease::spawn_sweeper;
 use crate::metrics::{serve_metrics, Metrics};
 use crate::pb::admin_server::AdminServer;
@@ -102,8 +103,15 @@ pub async fn start(
         "state loaded"
     );
 
+    let health = Arc::new(Health::new(
+        forest.clone(),
+        metrics.clone(),
+        config.probe_timeout().map(tcp_probe),
+        config.probe_interval(),
+    ));
     let service =
-        CoordinatorService::new(forest.clone(), Auth::from_config(&config), metrics.clone());
+        CoordinatorService::new(forest.clone(), Auth::from_config(&config), metrics.clone())
+            .with_health(health);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {
         let mut rx = stop_rx.clone();

@@ -6,12 +6,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
 use crate::config::Config;
 use crate::forest::{Forest, ForestError, RemoveReason, TreeSummary};
+use crate::health::{Health, Suspicion};
 use crate::metrics::Metrics;
 use crate::pb;
 use crate::upstream::TreeKey;
@@ -101,6 +102,7 @@ pub struct CoordinatorService {
     forest: Arc<Forest>,
     auth: Arc<Auth>,
     metrics: Arc<Metrics>,
+    health: Option<Arc<Health>>,
 }
 
 fn node_key(r: &pb::NodeRef) -> TreeKey {
@@ -124,7 +126,15 @@ impl CoordinatorService {
             forest,
             auth: Arc::new(auth),
             metrics,
+            health: None,
         }
+    }
+
+    /// Probes suspect nodes (reported by a child, or whose watch stream closed) with
+    /// `health` and removes the dead ones; without it only leases remove nodes.
+    pub fn with_health(mut self, health: Arc<Health>) -> Self {
+        self.health = Some(health);
+        self
     }
 
     /// Runs one RPC body, recording its latency and outcome.
@@ -241,6 +251,18 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                 .as_ref()
                 .ok_or_else(|| Status::invalid_argument("node is missing"))?;
             self.auth.tenant(req.metadata(), &node.tenant)?;
+            let key = node_key(node);
+            if let (Some(health), false) = (&self.health, r.bad_node_id.is_empty()) {
+                // Answered after the probe, so a removal shows in the advice at once.
+                let verdict = health
+                    .check(
+                        &key,
+                        &r.bad_node_id,
+                        Suspicion::Reported { by: &node.node_id },
+                    )
+                    .await;
+                tracing::debug!(tree = %key, bad = %r.bad_node_id, ?verdict, "bad upstream checked");
+            }
             let (up, fallbacks) = self
                 .forest
                 .bad_upstream(&node_key(node), &node.node_id, &r.bad_node_id)
@@ -271,6 +293,11 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             );
             // First the current upstream, then every change; when the node leaves, the
             // sender is dropped and the stream ends with NOT_FOUND.
+            let guard = WatchGuard {
+                health: self.health.clone(),
+                key: key.clone(),
+                node_id: r.node_id.clone(),
+            };
             let stream = futures::stream::unfold(
                 (rx, true, Some(farewell)),
                 |(mut rx, first, farewell)| async move {
@@ -282,9 +309,44 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                     Some((Ok(up), (rx, false, farewell)))
                 },
             );
+            // The guard lives as long as the stream: when the VM's connection dies, the
+            // stream is dropped and the node becomes a suspect.
+            let stream = stream.map(move |item| {
+                let _ = &guard;
+                item
+            });
             Ok(Box::pin(stream) as WatchStream)
         })
         .await
+    }
+}
+
+/// Held by a watch stream; when the stream goes (the VM disconnected, or the node left),
+/// a node still in the tree with nobody watching it is checked.
+struct WatchGuard {
+    health: Option<Arc<Health>>,
+    key: TreeKey,
+    node_id: String,
+}
+
+/// How long after a watch stream closes the node is probed: the dying process closes its
+/// coordinator connection and its peer listener at nearly the same moment.
+const WATCH_CLOSED_PROBE_DELAY: Duration = Duration::from_millis(100);
+
+impl Drop for WatchGuard {
+    fn drop(&mut self) {
+        let Some(health) = self.health.clone() else {
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let key = self.key.clone();
+        let node_id = std::mem::take(&mut self.node_id);
+        rt.spawn(async move {
+            tokio::time::sleep(WATCH_CLOSED_PROBE_DELAY).await;
+            health.check(&key, &node_id, Suspicion::WatchClosed).await;
+        });
     }
 }
 

@@ -1,0 +1,293 @@
+//! Fast failure detection (`health.rs`) through the real gRPC service: VMs are TCP
+//! listeners on 127.0.0.1 (their "peer servers"); a dead VM is a closed port.
+//!
+//! - a child reports its dead parent: the parent is removed within the call, the children
+//!   are told their new upstream;
+//! - a report about a healthy parent, or about a node that is not the reporter's ancestor,
+//!   removes nothing (a buggy or malicious VM cannot evict others);
+//! - a node whose watch stream closes (its process died) is probed and removed if dead,
+//!   kept if alive;
+//! - a node is probed at most once per interval, however many reports name it.
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::time::{Duration, Instant};
+
+use faasnet_coordinator::client::{AdminClient, CoordinatorClient};
+use faasnet_coordinator::config::Config;
+use faasnet_coordinator::server::{start, Running};
+use faasnet_coordinator::{Source, Upstream};
+use futures::StreamExt;
+
+const F1: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+
+struct Server {
+    _running: Running,
+    endpoint: String,
+    metrics: std::net::SocketAddr,
+    _dir: tempfile::TempDir,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn server(probe_interval_ms: u64) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let cfg = Config::parse(&format!(
+        r#"
+        listen = "127.0.0.1:0"
+        data_dir = "{}"
+        metrics_listen = "{metrics}"
+        lease_ttl_ms = 60000
+        probe_timeout_ms = 500
+        probe_interval_ms = {probe_interval_ms}
+        admin_token = "admin-secret"
+        [tenants.acme]
+        token = "acme-secret"
+        "#,
+        dir.path().join("db").display()
+    ))
+    .unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let running = start(cfg, async move {
+        let _ = rx.await;
+    })
+    .await
+    .unwrap();
+    Server {
+        endpoint: format!("http://{}", running.addr),
+        _running: running,
+        metrics,
+        _dir: dir,
+        _stop: tx,
+    }
+}
+
+/// A VM's peer server: a listener that accepts (the kernel does) until dropped.
+fn vm() -> (TcpListener, String) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    (l, addr)
+}
+
+async fn metrics(s: &Server) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut sock = tokio::net::TcpStream::connect(s.metrics).await.unwrap();
+    sock.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    sock.read_to_string(&mut body).await.unwrap();
+    body
+}
+
+async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !f().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn peer(u: &Upstream) -> Option<&str> {
+    match &u.source {
+        Source::Registry => None,
+        Source::Peer { node_id, .. } => Some(node_id),
+    }
+}
+
+async fn nodes(admin: &AdminClient) -> Vec<(String, String)> {
+    admin
+        .get_tree("acme", F1)
+        .await
+        .map(|v| {
+            v.nodes
+                .into_iter()
+                .map(|n| (n.node_id, n.parent_id))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_reported_dead_parent_is_removed_and_its_children_told() {
+    let s = server(1000).await;
+    let c = CoordinatorClient::connect(&s.endpoint, "acme", "acme-secret")
+        .await
+        .unwrap();
+    let admin = AdminClient::connect(&s.endpoint, "admin-secret")
+        .await
+        .unwrap();
+    // a (root) ─ b ─ d, e ; a ─ c
+    let vms: Vec<_> = (0..5).map(|_| vm()).collect();
+    for (id, (_, addr)) in ["a", "b", "c", "d", "e"].iter().zip(&vms) {
+        c.join(F1, id, addr).await.unwrap();
+    }
+    let mut wd = c.watch(F1, "d").await.unwrap();
+    let mut we = c.watch(F1, "e").await.unwrap();
+    assert_eq!(peer(&wd.next().await.unwrap().unwrap()), Some("b"));
+    assert_eq!(peer(&we.next().await.unwrap().unwrap()), Some("b"));
+
+    // b dies (its peer server closes); d notices first and reports it.
+    let mut vms = vms;
+    drop(vms.remove(1));
+    let t = Instant::now();
+    let advice = c.report_bad_upstream(F1, "d", "b").await.unwrap();
+    let took = t.elapsed();
+    assert_ne!(peer(&advice.upstream), Some("b"), "{advice:?}");
+    assert!(took < Duration::from_secs(1), "report took {took:?}");
+    let tree = nodes(&admin).await;
+    assert!(!tree.iter().any(|(id, _)| id == "b"), "{tree:?}");
+    assert_eq!(tree.len(), 4);
+    // Both children are told, without waiting for b's lease (60 s).
+    let d_up = tokio::time::timeout(Duration::from_secs(2), wd.next())
+        .await
+        .expect("d told")
+        .unwrap()
+        .unwrap();
+    let e_up = tokio::time::timeout(Duration::from_secs(2), we.next())
+        .await
+        .expect("e told")
+        .unwrap()
+        .unwrap();
+    assert_ne!(peer(&d_up), Some("b"));
+    assert_ne!(peer(&e_up), Some("b"));
+
+    let m = metrics(&s).await;
+    for needle in [
+        "faasnet_coordinator_unreachable_removals_total 1",
+        "faasnet_coordinator_probes_total{result=\"dead\"} 1",
+        "faasnet_coordinator_bad_upstream_reports_total 1",
+    ] {
+        assert!(m.contains(needle), "missing {needle} in\n{m}");
+    }
+}
+
+#[tokio::test]
+async fn reports_cannot_evict_healthy_nodes_or_strangers() {
+    let s = server(1000).await;
+    let c = CoordinatorClient::connect(&s.endpoint, "acme", "acme-secret")
+        .await
+        .unwrap();
+    let admin = AdminClient::connect(&s.endpoint, "admin-secret")
+        .await
+        .unwrap();
+    let (_la, a) = vm();
+    let (_lb, b) = vm();
+    let (lc, cc) = vm();
+    c.join(F1, "a", &a).await.unwrap();
+    c.join(F1, "b", &b).await.unwrap();
+    c.join(F1, "c", &cc).await.unwrap();
+    // b calls its healthy parent a bad: a is probed, answers, stays.
+    let advice = c.report_bad_upstream(F1, "b", "a").await.unwrap();
+    assert_eq!(peer(&advice.upstream), Some("a"));
+    // c is dead, but b is not below c: b's word does not count, c is not even probed.
+    drop(lc);
+    c.report_bad_upstream(F1, "b", "c").await.unwrap();
+    // Nor does a report about oneself or an unknown node.
+    c.report_bad_upstream(F1, "b", "b").await.unwrap();
+    c.report_bad_upstream(F1, "b", "zz").await.unwrap();
+    assert_eq!(nodes(&admin).await.len(), 3);
+    let m = metrics(&s).await;
+    assert!(
+        m.contains("faasnet_coordinator_probes_total{result=\"alive\"} 1")
+            && !m.contains("result=\"dead\""),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn probes_are_rate_limited_per_node() {
+    let s = server(60_000).await;
+    let c = CoordinatorClient::connect(&s.endpoint, "acme", "acme-secret")
+        .await
+        .unwrap();
+    let (_la, a) = vm();
+    let (_lb, b) = vm();
+    let (_lc, cc) = vm();
+    c.join(F1, "a", &a).await.unwrap();
+    c.join(F1, "b", &b).await.unwrap();
+    c.join(F1, "c", &cc).await.unwrap();
+    for _ in 0..20 {
+        c.report_bad_upstream(F1, "b", "a").await.unwrap();
+        c.report_bad_upstream(F1, "c", "a").await.unwrap();
+    }
+    let m = metrics(&s).await;
+    assert!(
+        m.contains("faasnet_coordinator_probes_total{result=\"alive\"} 1"),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn a_closed_watch_gets_a_dead_node_removed_and_a_live_one_kept() {
+    let s = server(1000).await;
+    let admin = AdminClient::connect(&s.endpoint, "admin-secret")
+        .await
+        .unwrap();
+    let c = CoordinatorClient::connect(&s.endpoint, "acme", "acme-secret")
+        .await
+        .unwrap();
+    let (la, a) = vm();
+    let (_lb, b) = vm();
+    let (_lc, cc) = vm();
+    c.join(F1, "a", &a).await.unwrap();
+    c.join(F1, "b", &b).await.unwrap();
+    c.join(F1, "c", &cc).await.unwrap();
+    let mut wb = c.watch(F1, "b").await.unwrap();
+    wb.next().await.unwrap().unwrap();
+
+    // b's watch goes away while b still serves: b stays.
+    {
+        let b_conn = CoordinatorClient::connect(&s.endpoint, "acme", "acme-secret")
+            .await
+            .unwrap();
+        let mut w = b_conn.watch(F1, "b").await.unwrap();
+        w.next().await.unwrap().unwrap();
+    }
+    drop(wb);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(nodes(&admin).await.len(), 3);
+
+    // a's process dies: its own connection (with its watch) and its peer server close.
+    let a_conn = CoordinatorClient::connect(&s.endpoint, "acme", "acme-secret")
+        .await
+        .unwrap();
+    let mut wa = a_conn.watch(F1, "a").await.unwrap();
+    wa.next().await.unwrap().unwrap();
+    let c2 = CoordinatorClient::connect(&s.endpoint, "acme", "acme-secret")
+        .await
+        .unwrap();
+    let mut wc = c2.watch(F1, "c").await.unwrap();
+    assert_eq!(peer(&wc.next().await.unwrap().unwrap()), Some("a"));
+    let t = Instant::now();
+    drop(la);
+    drop(wa);
+    drop(a_conn);
+    let up = tokio::time::timeout(Duration::from_secs(2), wc.next())
+        .await
+        .expect("c told within 2 s")
+        .unwrap()
+        .unwrap();
+    assert_ne!(peer(&up), Some("a"));
+    eprintln!("c re-parented {:?} after a died", t.elapsed());
+    wait_until("a removed", Duration::from_secs(2), || {
+        let admin = admin.clone();
+        async move { !nodes(&admin).await.iter().any(|(id, _)| id == "a") }
+    })
+    .await;
+}
