@@ -104,6 +104,11 @@ pub struct ChainOptions {
     pub fetch_timeout: Duration,
     /// How long a peer that served corrupt data is skipped.
     pub avoid_corrupt_peer_for: Duration,
+    /// How long a peer that could not be reached (refused, reset, stalled, cut off
+    /// mid-block) is skipped: the next blocks go straight to the registry instead of each
+    /// waiting for a connect timeout, until the coordinator names another parent (a new
+    /// address is not skipped) or this passes.
+    pub avoid_unreachable_peer_for: Duration,
 }
 
 impl Default for ChainOptions {
@@ -112,7 +117,19 @@ impl Default for ChainOptions {
             stall_timeout: Duration::from_secs(2),
             fetch_timeout: Duration::from_secs(10),
             avoid_corrupt_peer_for: Duration::from_secs(60),
+            avoid_unreachable_peer_for: Duration::from_secs(3),
         }
+    }
+}
+
+/// True for a peer failure that says nothing about the block and everything about the
+/// peer: it could not be reached, stalled, or cut the answer short. An error status the
+/// peer answered (unknown layer, unavailable...) is not one: the peer is alive.
+fn is_unreachable(e: &LazyError) -> bool {
+    match e {
+        LazyError::PeerStalled { .. } | LazyError::Protocol(_) => true,
+        LazyError::Peer { reason, .. } => !reason.starts_with("answered"),
+        _ => false,
     }
 }
 
@@ -233,12 +250,20 @@ impl FetchChain {
                     Ok(b) => return Ok((b, Source::Peer)),
                     Err(e) => {
                         warn!(%addr, error = %e, "peer fetch failed; falling back to the registry");
-                        if matches!(e, LazyError::DigestMismatch { .. }) {
-                            self.metrics.digest_failures.inc();
-                            self.avoided
-                                .lock()
-                                .unwrap()
-                                .insert(addr, Instant::now() + self.options.avoid_corrupt_peer_for);
+                        let avoid_for = match &e {
+                            LazyError::DigestMismatch { .. } => {
+                                self.metrics.digest_failures.inc();
+                                Some(self.options.avoid_corrupt_peer_for)
+                            }
+                            e if is_unreachable(e) => Some(self.options.avoid_unreachable_peer_for),
+                            _ => None,
+                        };
+                        if let Some(d) = avoid_for {
+                            let mut avoided = self.avoided.lock().unwrap();
+                            let until = Instant::now() + d;
+                            // Never shorten a longer ban (a corrupt peer that then dies).
+                            let entry = avoided.entry(addr).or_insert(until);
+                            *entry = (*entry).max(until);
                         }
                         // Stale pooled connections to a failed peer are of no use.
                         self.peers.lock().unwrap().remove(&addr);
@@ -326,5 +351,35 @@ impl FetchChain {
         self.metrics
             .fetch_latency(Source::Registry, start.elapsed().as_secs_f64());
         Ok(blocks)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unreachable_peers_are_told_apart_from_answers() {
+        let peer = |reason: &str| LazyError::Peer {
+            peer: "10.0.0.1:9112".into(),
+            reason: reason.into(),
+        };
+        assert!(is_unreachable(&peer(
+            "connect: Connection refused (os error 111)"
+        )));
+        assert!(is_unreachable(&peer("connection closed mid-response")));
+        assert!(is_unreachable(&LazyError::PeerStalled {
+            peer: "10.0.0.1:9112".into(),
+            timeout_ms: 2000
+        }));
+        assert!(is_unreachable(&LazyError::Protocol("bad magic".into())));
+        // The peer is alive and said so: not avoided.
+        assert!(!is_unreachable(&peer(
+            "answered UnknownLayer: not registered"
+        )));
+        assert!(!is_unreachable(&LazyError::Timeout {
+            what: "x".into(),
+            timeout_ms: 1
+        }));
     }
 }

@@ -178,6 +178,11 @@ impl UpstreamProvider for TreeUpstream {
         let Some(m) = self.membership.lock().expect("membership lock").clone() else {
             return;
         };
+        // Only the current parent is reported (the report names it): if the coordinator
+        // already moved us elsewhere, the failure is old news.
+        if !matches!(to_upstream(&self.rx.borrow()), Upstream::Peer { addr, .. } if addr == peer) {
+            return;
+        }
         if self.reporting.swap(true, Ordering::AcqRel) {
             return;
         }
