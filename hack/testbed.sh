@@ -4,13 +4,19 @@
 #
 # Usage:
 #   hack/testbed.sh up N [--rate 100mbit] [--registry-rate 400mbit] [--mode faasnet|ondemand]
-#                        [--profile release|debug]
+#                        [--profile release|debug] [--no-prefetch]
+#   hack/testbed.sh reset [--mode faasnet|ondemand] [--no-prefetch]
+#                                        # every VM and the coordinator restarted with empty state
+#                                        # (caches, images, trees); the registry keeps its images
 #   hack/testbed.sh status               # what runs, the trees, each VM's block sources
 #   hack/testbed.sh push-image NAME      # build hack/images.sh NAME, push it to the testbed
 #                                        # registry and convert it; prints ORIGINAL CONVERTED refs
-#   hack/testbed.sh run REF [--vms "0 1 2"]
+#   hack/testbed.sh run REF [--vms "0 1 2"] [--baseline] [--json FILE]
 #                                        # start REF's function on the VMs at once; prints each
-#                                        # VM's time to first output and where its blocks came from
+#                                        # VM's time to first output and where its blocks came from;
+#                                        # --baseline: stock containerd instead (full pull of REF,
+#                                        # an ordinary image, to overlayfs); --json: also write the
+#                                        # per-VM figures, registry bytes and CPU use to FILE
 #   hack/testbed.sh down                 # stops everything; leaves nothing mounted or running
 #
 # Network: bridge fntb0 (10.79.0.1/24, the host: coordinator at :7700), registry namespace
@@ -21,7 +27,8 @@
 # the VM's containerd.
 #
 # Modes: faasnet = the function tree (coordinator); ondemand = lazy loading, every VM reads the
-# registry (no tree).
+# registry (no tree). The baseline (stock containerd, overlayfs, full pull) runs in either mode:
+# `run --baseline` with the original image.
 # State: /var/lib/faasnet-testbed (roots), /run/faasnet-testbed (sockets, logs, pids).
 set -euo pipefail
 
@@ -78,8 +85,8 @@ add_link() {  # add_link NS IP IFNAME-ON-HOST RATE
   fi
 }
 
-write_snapshotter_config() {  # VM MODE
-  local i="$1" mode="$2" dir="${TB_STATE}/vm$1" ip
+write_snapshotter_config() {  # VM MODE PREFETCH(true|false)
+  local i="$1" mode="$2" prefetch="${3:-true}" dir="${TB_STATE}/vm$1" ip
   ip="$(vm_ip "$i")"
   cat >"${TB_RUN}/vm${i}/snapshotter.toml" <<EOF
 root = "${dir}/snapshotter"
@@ -90,6 +97,7 @@ metrics_address = "${ip}:9111"
 [lazy]
 peer_listen = "${ip}:9112"
 insecure_registries = ["${REG_ADDR}"]
+prefetch = ${prefetch}
 EOF
   if [[ "$mode" == faasnet ]]; then
     cat >>"${TB_RUN}/vm${i}/snapshotter.toml" <<EOF
@@ -127,8 +135,69 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 EOF
 }
 
+# start_coordinator: the coordinator on the host side of the bridge, with an empty tree store.
+start_coordinator() {
+  rm -rf "${TB_STATE:?}/coordinator"
+  mkdir -p "${TB_STATE}/coordinator"
+  cat >"${TB_RUN}/coordinator.toml" <<EOF
+listen = "${COORD_ADDR}"
+data_dir = "${TB_STATE}/coordinator"
+metrics_listen = "${HOST_IP}:9700"
+lease_ttl_ms = 10000
+admin_token = "${ADMIN_TOKEN}"
+[tenants.${TENANT}]
+token = "${TENANT_TOKEN}"
+EOF
+  start_daemon coordinator "" "${TB_RUN}/coordinator.log" \
+    "$(bin_dir)/coordinator" serve --config "${TB_RUN}/coordinator.toml"
+  wait_for "coordinator" 20 bash -c "exec 3<>/dev/tcp/${HOST_IP}/7700"
+}
+
+# start_vm VM: containerd and the snapshotter of VM, configured by TB_RUN/mode and /prefetch.
+start_vm() {
+  local i="$1"
+  mkdir -p "${TB_RUN}/vm${i}" "${TB_STATE}/vm${i}"
+  write_snapshotter_config "$i" "$(cat "${TB_RUN}/mode")" "$(cat "${TB_RUN}/prefetch")"
+  write_containerd_config "$i"
+  start_daemon "vm${i}-snapshotter" "$(vm_ns "$i")" "${TB_RUN}/vm${i}/snapshotter.log" \
+    "$(bin_dir)/snapshotter" --config "${TB_RUN}/vm${i}/snapshotter.toml"
+  start_daemon "vm${i}-containerd" "$(vm_ns "$i")" "${TB_RUN}/vm${i}/containerd.log" \
+    containerd --config "${TB_RUN}/vm${i}/containerd.toml"
+}
+
+# unmount_under DIR: every mount below DIR, deepest first.
+unmount_under() {
+  awk -v a="$1/" 'index($5, a) == 1 { print $5 }' /proc/self/mountinfo | sort -r |
+    while read -r m; do umount -l "$m" 2>/dev/null || true; done
+}
+
+# stop_vm VM: its containers, containerd and snapshotter stopped, its mounts gone.
+stop_vm() {
+  local i="$1" sock="${TB_RUN}/vm$1/containerd.sock" c
+  if [[ -S "$sock" ]]; then
+    for c in $(ctr -a "$sock" containers list -q 2>/dev/null); do
+      ctr -a "$sock" tasks kill -s SIGKILL "$c" >/dev/null 2>&1 || true
+      ctr -a "$sock" tasks delete -f "$c" >/dev/null 2>&1 || true
+      ctr -a "$sock" containers delete "$c" >/dev/null 2>&1 || true
+    done
+  fi
+  stop_pid "${TB_RUN}/vm${i}-containerd.pid" 10
+  stop_pid "${TB_RUN}/vm${i}-snapshotter.pid" 10
+  unmount_under "${TB_STATE}/vm${i}"
+  unmount_under "${TB_RUN}/vm${i}"
+}
+
+wait_vms() {
+  local n i
+  n="$(vm_count)"
+  for ((i = 0; i < n; i++)); do
+    wait_for "vm${i} snapshotter" 30 test -S "${TB_RUN}/vm${i}/snapshotter.sock"
+    wait_for "vm${i} containerd" 30 ctr -a "${TB_RUN}/vm${i}/containerd.sock" version
+  done
+}
+
 cmd_up() {
-  local n="${1:-}" rate=100mbit reg_rate=400mbit mode=faasnet profile=release i
+  local n="${1:-}" rate=100mbit reg_rate=400mbit mode=faasnet profile=release prefetch=true i
   [[ "$n" =~ ^[0-9]+$ && "$n" -ge 1 && "$n" -le 64 ]] || die "up: N must be 1..64"
   shift
   while [[ $# -gt 0 ]]; do
@@ -137,6 +206,7 @@ cmd_up() {
       --registry-rate) reg_rate="$2"; shift 2 ;;
       --mode) mode="$2"; shift 2 ;;
       --profile) profile="$2"; shift 2 ;;
+      --no-prefetch) prefetch=false; shift ;;
       *) usage ;;
     esac
   done
@@ -146,6 +216,9 @@ cmd_up() {
   mkdir -p "$TB_RUN" "$TB_STATE"
   echo "$profile" >"${TB_RUN}/profile"
   echo "$mode" >"${TB_RUN}/mode"
+  echo "$prefetch" >"${TB_RUN}/prefetch"
+  echo "$rate" >"${TB_RUN}/rate"
+  echo "$reg_rate" >"${TB_RUN}/registry-rate"
   local cargo_flag=()
   [[ "$profile" == release ]] && cargo_flag=(--release)
   log "building binaries (${profile})"
@@ -180,35 +253,46 @@ EOF
   wait_for "registry" 20 curl -fsS "http://${REG_ADDR}/v2/"
 
   log "coordinator at ${COORD_ADDR}"
-  mkdir -p "${TB_STATE}/coordinator"
-  cat >"${TB_RUN}/coordinator.toml" <<EOF
-listen = "${COORD_ADDR}"
-data_dir = "${TB_STATE}/coordinator"
-metrics_listen = "${HOST_IP}:9700"
-lease_ttl_ms = 10000
-admin_token = "${ADMIN_TOKEN}"
-[tenants.${TENANT}]
-token = "${TENANT_TOKEN}"
-EOF
-  start_daemon coordinator "" "${TB_RUN}/coordinator.log" \
-    "$(bin_dir)/coordinator" serve --config "${TB_RUN}/coordinator.toml"
-  wait_for "coordinator" 20 bash -c "exec 3<>/dev/tcp/${HOST_IP}/7700"
+  start_coordinator
 
   for ((i = 0; i < n; i++)); do
     add_link "$(vm_ns "$i")" "$(vm_ip "$i")" "fntbh${i}" "$rate"
-    mkdir -p "${TB_RUN}/vm${i}" "${TB_STATE}/vm${i}"
-    write_snapshotter_config "$i" "$mode"
-    write_containerd_config "$i"
-    start_daemon "vm${i}-snapshotter" "$(vm_ns "$i")" "${TB_RUN}/vm${i}/snapshotter.log" \
-      "$(bin_dir)/snapshotter" --config "${TB_RUN}/vm${i}/snapshotter.toml"
-    start_daemon "vm${i}-containerd" "$(vm_ns "$i")" "${TB_RUN}/vm${i}/containerd.log" \
-      containerd --config "${TB_RUN}/vm${i}/containerd.toml"
+    start_vm "$i"
   done
+  wait_vms
+  log "testbed up: ${n} VMs, mode ${mode}, prefetch ${prefetch}"
+}
+
+# reset: every VM and the coordinator restarted with empty state, in a (new) mode.
+cmd_reset() {
+  local n i mode prefetch=true
+  n="$(vm_count)"
+  [[ "$n" -ge 1 ]] || die "no testbed is up"
+  mode="$(cat "${TB_RUN}/mode")"
+  while [[ $# -gt 0 ]]; do
+    case "$1" in
+      --mode) mode="$2"; shift 2 ;;
+      --no-prefetch) prefetch=false; shift ;;
+      *) usage ;;
+    esac
+  done
+  [[ "$mode" == faasnet || "$mode" == ondemand ]] || die "reset: --mode is faasnet or ondemand"
   for ((i = 0; i < n; i++)); do
-    wait_for "vm${i} snapshotter" 30 test -S "${TB_RUN}/vm${i}/snapshotter.sock"
-    wait_for "vm${i} containerd" 30 ctr -a "${TB_RUN}/vm${i}/containerd.sock" version
+    stop_vm "$i" &
   done
-  log "testbed up: ${n} VMs, mode ${mode}"
+  wait
+  stop_pid "${TB_RUN}/coordinator.pid" 5
+  for ((i = 0; i < n; i++)); do
+    rm -rf "${TB_STATE:?}/vm${i}"
+  done
+  echo "$mode" >"${TB_RUN}/mode"
+  echo "$prefetch" >"${TB_RUN}/prefetch"
+  start_coordinator
+  for ((i = 0; i < n; i++)); do
+    start_vm "$i"
+  done
+  wait_vms
+  log "testbed reset: ${n} VMs, mode ${mode}, prefetch ${prefetch}"
 }
 
 # push-image NAME: the test image NAME, pushed to the testbed registry, and its conversion.
@@ -220,35 +304,60 @@ cmd_push_image() {
   echo "$orig $conv"
 }
 
-metric() {  # metric VM NAME SOURCE: value of a lazy counter on VM, 0 if absent
+# counter VM NAME SOURCE: a lazy counter of VM's snapshotter, 0 if absent.
+metric() {
   curl -fsS "http://$(vm_ip "$1"):9111/metrics" 2>/dev/null |
     awk -v m="faasnet_snapshotter_lazy_$2{source=\"$3\"}" '$1 == m { printf "%d", $2; found=1 } END { if (!found) printf "0" }'
 }
 
+# link_bytes IFNAME DIR: bytes through the host side of a veth (tx = towards the namespace).
+link_bytes() { cat "/sys/class/net/$1/statistics/$2_bytes" 2>/dev/null || echo 0; }
+
+# cpu_ticks: "busy total" jiffies of the whole machine.
+cpu_ticks() { awk '/^cpu / { t = 0; for (i = 2; i <= NF; i++) t += $i; print t - $5 - $6, t }' /proc/stat; }
+
 cmd_run() {
-  local ref="${1:?run REF}" vms="" i n
+  local ref="${1:?run REF}" vms="" baseline=0 json="" i n
   shift
   while [[ $# -gt 0 ]]; do
     case "$1" in
       --vms) vms="$2"; shift 2 ;;
+      --baseline) baseline=1; shift ;;
+      --json) json="$2"; shift 2 ;;
       *) usage ;;
     esac
   done
   n="$(vm_count)"
   [[ "$n" -ge 1 ]] || die "no testbed is up"
   [[ -n "$vms" ]] || vms="$(seq -s ' ' 0 $((n - 1)))"
-  local out
+  local out mode
   out="${TB_RUN}/run-$(date +%s%N)"
   mkdir -p "$out"
-  log "starting ${ref} on VMs ${vms} at once"
+  mode="$(cat "${TB_RUN}/mode")"
+  [[ "$baseline" == 1 ]] && mode=baseline
+  log "starting ${ref} on VMs ${vms} at once (${mode})"
+  for i in $vms; do
+    echo "$(link_bytes "fntbh${i}" tx)" >"${out}/vm${i}.rx0"
+  done
+  local reg0 cpu0
+  reg0="$(link_bytes fntbhreg rx)"
+  cpu0="$(cpu_ticks)"
   for i in $vms; do
     (
       sock="${TB_RUN}/vm${i}/containerd.sock"
       id="vm${i}-$(basename "$out")"
       start=$(date +%s%N)
-      in_ns "$(vm_ns "$i")" ctr-remote -a "$sock" images rpull --plain-http \
-        --snapshotter faasnet "$ref" >"${out}/vm${i}.pull" 2>&1 || { echo "pull failed" >"${out}/vm${i}.err"; exit 1; }
-      in_ns "$(vm_ns "$i")" ctr -a "$sock" run --rm --snapshotter faasnet "$ref" "$id" 2>"${out}/vm${i}.err" |
+      if [[ "$baseline" == 1 ]]; then
+        # Stock containerd: the whole image pulled and unpacked to overlayfs, then run.
+        pull=(ctr -a "$sock" images pull --plain-http "$ref")
+        runc=(ctr -a "$sock" run --rm "$ref" "$id")
+      else
+        pull=(ctr-remote -a "$sock" images rpull --plain-http --snapshotter faasnet "$ref")
+        runc=(ctr -a "$sock" run --rm --snapshotter faasnet "$ref" "$id")
+      fi
+      in_ns "$(vm_ns "$i")" "${pull[@]}" >"${out}/vm${i}.pull" 2>&1 ||
+        { echo "pull failed: $(tail -2 "${out}/vm${i}.pull")" >"${out}/vm${i}.err"; exit 1; }
+      in_ns "$(vm_ns "$i")" "${runc[@]}" 2>"${out}/vm${i}.err" |
         {
           IFS= read -r first || true
           end=$(date +%s%N)
@@ -259,12 +368,39 @@ cmd_run() {
     ) &
   done
   wait
-  printf '%-5s %10s %8s %8s %8s  %s\n' VM start_ms cache peer registry "first output line"
+  local reg1 cpu1
+  reg1="$(link_bytes fntbhreg rx)"
+  cpu1="$(cpu_ticks)"
+  printf '%-5s %10s %8s %8s %8s %10s  %s\n' VM start_ms cache peer registry rx_MB "first output line"
   for i in $vms; do
-    printf '%-5s %10s %8s %8s %8s  %s\n' "vm${i}" "$(cat "${out}/vm${i}.ms" 2>/dev/null || echo FAIL)" \
+    echo "$(($(link_bytes "fntbh${i}" tx) - $(cat "${out}/vm${i}.rx0")))" >"${out}/vm${i}.rx"
+    printf '%-5s %10s %8s %8s %8s %10s  %s\n' "vm${i}" "$(cat "${out}/vm${i}.ms" 2>/dev/null || echo FAIL)" \
       "$(metric "$i" blocks_total cache)" "$(metric "$i" blocks_total peer)" \
-      "$(metric "$i" blocks_total registry)" "$(head -1 "${out}/vm${i}.out" 2>/dev/null)"
+      "$(metric "$i" blocks_total registry)" "$(($(cat "${out}/vm${i}.rx") / 1000000))" \
+      "$(head -1 "${out}/vm${i}.out" 2>/dev/null)"
   done
+  local busy total
+  read -r busy total < <(paste -d' ' <(echo "$cpu0") <(echo "$cpu1") | awk '{ print $3 - $1, $4 - $2 }')
+  printf 'registry sent %d MB; CPU busy %d%% of 2 cores over the run\n' \
+    "$(((reg1 - reg0) / 1000000))" "$((total > 0 ? 100 * busy / total : 0))"
+  if [[ -n "$json" ]]; then
+    {
+      printf '{"mode": "%s", "n": %d, "ref": "%s", "registry_bytes": %d, "cpu_busy": %s, "vms": [' \
+        "$mode" "$(wc -w <<<"$vms")" "$ref" "$((reg1 - reg0))" \
+        "$(awk -v b="$busy" -v t="$total" 'BEGIN { printf "%.3f", t > 0 ? b / t : 0 }')"
+      local sep=""
+      for i in $vms; do
+        printf '%s{"vm": "vm%d", "start_ms": %s, "ok": %s, "rx_bytes": %d, "registry_bytes": %d, "peer_bytes": %d, "cache_bytes": %d, "registry_blocks": %d, "peer_blocks": %d}' \
+          "$sep" "$i" "$(cat "${out}/vm${i}.ms" 2>/dev/null || echo null)" \
+          "$([[ -s "${out}/vm${i}.out" ]] && echo true || echo false)" "$(cat "${out}/vm${i}.rx")" \
+          "$(metric "$i" bytes_total registry)" "$(metric "$i" bytes_total peer)" \
+          "$(metric "$i" bytes_total cache)" "$(metric "$i" blocks_total registry)" \
+          "$(metric "$i" blocks_total peer)"
+        sep=", "
+      done
+      printf ']}\n'
+    } >"$json"
+  fi
   local failed=0
   for i in $vms; do
     [[ -s "${out}/vm${i}.out" ]] || { failed=1; log "vm${i} failed: $(tail -3 "${out}/vm${i}.err" 2>/dev/null)"; }
@@ -296,17 +432,9 @@ cmd_down() {
   local n i f
   n="$(vm_count)"
   for ((i = 0; i < n; i++)); do
-    local sock="${TB_RUN}/vm${i}/containerd.sock"
-    if [[ -S "$sock" ]]; then
-      for c in $(ctr -a "$sock" containers list -q 2>/dev/null); do
-        ctr -a "$sock" tasks kill -s SIGKILL "$c" >/dev/null 2>&1 || true
-        ctr -a "$sock" tasks delete -f "$c" >/dev/null 2>&1 || true
-        ctr -a "$sock" containers delete "$c" >/dev/null 2>&1 || true
-      done
-    fi
-    stop_pid "${TB_RUN}/vm${i}-containerd.pid" 10
-    stop_pid "${TB_RUN}/vm${i}-snapshotter.pid" 10
+    stop_vm "$i" &
   done
+  wait
   stop_pid "${TB_RUN}/coordinator.pid" 5
   stop_pid "${TB_RUN}/registry.pid" 5
   # Leftover mounts (FUSE layers, container rootfs) under the testbed's dirs, deepest first.
@@ -327,6 +455,7 @@ sub="$1"
 shift
 case "$sub" in
   up) cmd_up "$@" ;;
+  reset) cmd_reset "$@" ;;
   down) cmd_down ;;
   status) cmd_status ;;
   push-image) cmd_push_image "$@" ;;

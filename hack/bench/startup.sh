@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# hack/bench/startup.sh: the issue-5 benchmark. The same function container started on N VMs
+# at once (N = 1 2 4 8 16 by default), time per VM from the request to the function's first
+# output, in three modes measured in the same run:
+#   baseline  stock containerd: full pull of the original (gzip) image, overlayfs
+#   ondemand  our snapshotter, every VM reads the registry lazily, no tree
+#   faasnet   our snapshotter with the function tree (coordinator)
+# A benchmark, not a test: it measures and reports, it does not pass or fail on the numbers.
+#
+# Usage:
+#   hack/bench/startup.sh [--ns "1 2 4 8 16"] [--modes "baseline ondemand faasnet"]
+#                         [--rate 50mbit] [--image realistic] [--out DIR] [--no-doc]
+#
+#   --rate R   every VM link, both directions (tc tbf); the registry's egress is 4x R, as the
+#              issue asks ("set the registry's egress to 4 VM links")
+#   --out DIR  where results go (default bench-out/startup-<time>); results.json there holds
+#              every run; the report (docs/benchmarks-startup.md and its plot) is written
+#              from it by hack/bench/startup_report.py unless --no-doc
+#
+# Also measured, for the lower bound of the tree (W/r + h*b/r, plus the warm start):
+#   W          bytes the function reads at start: one VM, on-demand, prefetch off, registry
+#              bytes it fetched (read-ahead included: that is what our reads cost)
+#   warm start the same VM started again with every block it needs cached
+# The block order of that cold start (the snapshotter's access-order record) is kept as
+# access-order/<layer> in DIR, for the simulator.
+set -euo pipefail
+
+# shellcheck source=../lib/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/common.sh"
+
+ns="1 2 4 8 16" modes="baseline ondemand faasnet" rate=50mbit image=realistic out="" doc=1
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --ns) ns="$2"; shift 2 ;;
+    --modes) modes="$2"; shift 2 ;;
+    --rate) rate="$2"; shift 2 ;;
+    --image) image="$2"; shift 2 ;;
+    --out) out="$2"; shift 2 ;;
+    --no-doc) doc=0; shift ;;
+    *) sed -n '2,/^set -euo/p' "$0" | sed -e '/^set -euo/d' -e 's/^# \{0,1\}//'; exit 2 ;;
+  esac
+done
+[[ "$(id -u)" == 0 ]] || die "needs root"
+[[ "$rate" =~ ^([0-9]+)mbit$ ]] || die "--rate must be in mbit, e.g. 50mbit"
+rate_mbit="${BASH_REMATCH[1]}"
+reg_rate="$((4 * rate_mbit))mbit"
+max_n=0
+for n in $ns; do ((n > max_n)) && max_n="$n"; done
+out="${out:-${REPO_ROOT}/bench-out/startup-$(date +%Y%m%d-%H%M%S)}"
+mkdir -p "${out}/runs"
+export FAASNET_IMAGES_CACHE="${FAASNET_IMAGES_CACHE:-/var/cache/faasnet/images}"
+tb="${HACK_DIR}/testbed.sh"
+TB_RUN=/run/faasnet-testbed
+TB_STATE=/var/lib/faasnet-testbed
+
+[[ -e "${TB_RUN}/vms" ]] && "$tb" down
+trap '"$tb" down >/dev/null 2>&1 || true' EXIT
+"$tb" up "$max_n" --rate "$rate" --registry-rate "$reg_rate" --mode ondemand --no-prefetch
+read -r original converted < <("$tb" push-image "$image")
+log "original ${original}, converted ${converted}"
+
+# The working set W and the warm start, on vm0 alone.
+"$tb" run "$converted" --vms 0 --json "${out}/runs/w-cold.json"
+"$tb" run "$converted" --vms 0 --json "${out}/runs/w-warm.json"
+# The snapshotter records the cold start's block order when it unmounts the layers, i.e. when
+# the image's snapshots are removed.
+nsenter --net=/run/netns/fntb-vm0 -- ctr -a "${TB_RUN}/vm0/containerd.sock" images rm --sync \
+  "$converted" >/dev/null
+order_dir="${TB_STATE}/vm0/snapshotter/cache/access-order"
+if [[ -d "$order_dir" ]]; then
+  mkdir -p "${out}/access-order"
+  cp "$order_dir"/* "${out}/access-order/"
+else
+  log "warning: vm0 left no access-order record in ${order_dir}"
+fi
+
+for mode in $modes; do
+  for n in $ns; do
+    case "$mode" in
+      baseline) "$tb" reset --mode ondemand ;;
+      *) "$tb" reset --mode "$mode" ;;
+    esac
+    vms="$(seq -s ' ' 0 $((n - 1)))"
+    log "mode ${mode}, N=${n}"
+    if [[ "$mode" == baseline ]]; then
+      "$tb" run "$original" --vms "$vms" --baseline --json "${out}/runs/${mode}-${n}.json" || true
+    else
+      "$tb" run "$converted" --vms "$vms" --json "${out}/runs/${mode}-${n}.json" || true
+    fi
+    if [[ "$mode" == faasnet ]]; then
+      "$tb" status >"${out}/runs/${mode}-${n}.status" 2>&1 || true
+    fi
+  done
+done
+
+# Everything in one file: parameters, W, warm start, every run.
+{
+  printf '{"params": {"vm_link_bps": %d, "registry_egress_bps": %d, "block_size": 524288, "image": "%s", "original": "%s", "converted": "%s", "cpus": %d, "date": "%s"},\n' \
+    "$((rate_mbit * 1000000 / 8))" "$((4 * rate_mbit * 1000000 / 8))" "$image" "$original" \
+    "$converted" "$(nproc)" "$(date -u +%FT%TZ)"
+  printf ' "working_set": %s,\n "warm": %s,\n "runs": [' "$(cat "${out}/runs/w-cold.json")" "$(cat "${out}/runs/w-warm.json")"
+  sep=""
+  for mode in $modes; do
+    for n in $ns; do
+      f="${out}/runs/${mode}-${n}.json"
+      [[ -s "$f" ]] || continue
+      printf '%s\n  %s' "$sep" "$(cat "$f")"
+      sep=","
+    done
+  done
+  printf ']}\n'
+} >"${out}/results.json"
+log "results: ${out}/results.json"
+
+if [[ "$doc" == 1 ]]; then
+  python3 "${HACK_DIR}/bench/startup_report.py" "${out}/results.json" \
+    --doc "${REPO_ROOT}/docs/benchmarks-startup.md" --plot "${REPO_ROOT}/docs/img/startup.png"
+fi
