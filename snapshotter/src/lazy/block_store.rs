@@ -489,18 +489,29 @@ impl BlockStore {
     }
 
     /// Reads `len` bytes of the layer's tar stream at `offset` (a file's data), fetching the
-    /// blocks it spans concurrently.
-    pub async fn read_at(self: &Arc<Self>, offset: u64, len: usize) -> Result<Vec<u8>> {
+    /// blocks it spans concurrently. Read-ahead covers the blocks after them up to
+    /// `readahead_end` (the end of the file being read), at most the configured count: the
+    /// blocks past a file belong to other files, which a start often never reads, and every
+    /// block fetched for nothing costs link time that the tree shares.
+    pub async fn read_at(
+        self: &Arc<Self>,
+        offset: u64,
+        len: usize,
+        readahead_end: u64,
+    ) -> Result<Vec<u8>> {
         let len = len.min(self.toc.tar_size.saturating_sub(offset) as usize);
         let range = self.toc.blocks_for_range(offset, len as u64);
         self.record_access(range.clone());
-        let ahead_end = (range.end + self.readahead).min(self.toc.blocks.len());
+        let bs = self.toc.block_size as u64;
+        let file_blocks_end = readahead_end.div_ceil(bs) as usize;
+        let ahead_end = (range.end + self.readahead)
+            .min(file_blocks_end)
+            .min(self.toc.blocks.len());
         for j in range.end..ahead_end {
             self.fetch_in_background(j);
         }
         let blocks =
             futures::future::try_join_all(range.clone().map(|i| self.raw_block(i))).await?;
-        let bs = self.toc.block_size as u64;
         let mut out = Vec::with_capacity(len);
         for (i, raw) in range.zip(blocks) {
             let block_start = i as u64 * bs;

@@ -443,9 +443,10 @@ impl Filesystem for LayerFs {
         }
         let len = (size as u64).min(n.size - offset) as usize;
         let start = n.data_offset + offset;
+        let file_end = n.data_offset + n.size;
         let store = self.store.clone();
         self.runtime.spawn(async move {
-            match store.read_at(start, len).await {
+            match store.read_at(start, len, file_end).await {
                 Ok(data) => reply.data(&data),
                 Err(e) => {
                     warn!(layer = %store.layer().digest, ino = ino.0, offset, error = %e, "read failed");
