@@ -6,3 +6,9 @@
 //! ([`tree`]); each VM reads its start working set in the recorded order ([`model`]).
 
 pub mod network;
+pub mod error;
+pub mod model;
+pub mod trace;
+pub mod tree;
+
+pub use error::{Result, SimError};
