@@ -99,6 +99,11 @@ pub struct LazyConfig {
     /// Memory for decompressed blocks (LRU), in bytes: whole-image reads revisit blocks
     /// in directory order, which is not the layer's order.
     pub memory_cache_bytes: u64,
+    /// Unmount the lazy layers on SIGTERM/SIGINT (the behaviour before restarts kept them):
+    /// containers still using them then fail. Default false: the layers stay mounted, their
+    /// FUSE connections held by the fd holder process, and the next snapshotter serves them
+    /// again (docs/lazy.md, "Restarts").
+    pub unmount_on_exit: bool,
 }
 
 /// `[coordinator]`: where this node learns its upstream in each function tree.
@@ -146,6 +151,7 @@ impl Default for LazyConfig {
             prefetch_run_blocks: 2,
             readahead_blocks: 8,
             memory_cache_bytes: 256 << 20,
+            unmount_on_exit: false,
         }
     }
 }

@@ -12,7 +12,7 @@ use anyhow::Context;
 use clap::Parser;
 use faasnet_snapshotter::{
     config::{Config, DEFAULT_CONFIG_PATH},
-    lazy::{metrics::LazyMetrics, LazyRemoteLayers},
+    lazy::{fuse_handover, metrics::LazyMetrics, LayerManager, LazyRemoteLayers},
     metrics::{Endpoint, Metrics},
     service::{serve, Service},
     snapshots::Overlay,
@@ -67,16 +67,21 @@ fn load_config(args: &Args) -> anyhow::Result<Config> {
 
 /// The lazy path: converted layers mounted through FUSE and fed from cache, upstream peer
 /// or registry (`[lazy]`, `[coordinator]`). Disabled: every layer is unpacked.
-fn remote_layers(config: &Config, metrics: &Metrics) -> anyhow::Result<Arc<dyn RemoteLayers>> {
+/// Also returns the lazy path's layer manager, for restarts (docs/lazy.md, "Restarts").
+fn remote_layers(
+    config: &Config,
+    metrics: &Metrics,
+) -> anyhow::Result<(Arc<dyn RemoteLayers>, Option<Arc<LayerManager>>)> {
     if !config.lazy.enabled {
         tracing::info!("lazy path disabled (lazy.enabled = false): all layers are unpacked");
-        return Ok(Arc::new(NoRemoteLayers));
+        return Ok((Arc::new(NoRemoteLayers), None));
     }
     let lazy_metrics = Arc::new(LazyMetrics::default());
     metrics.with_registry(|r| lazy_metrics.register(r.sub_registry_with_prefix("lazy")));
     let remote = LazyRemoteLayers::from_config(config, lazy_metrics)
         .context("starting the lazy path (config tables [lazy] and [coordinator])")?;
-    Ok(Arc::new(remote))
+    let manager = remote.manager().clone();
+    Ok((Arc::new(remote), Some(manager)))
 }
 
 async fn shutdown_signal() {
@@ -106,6 +111,11 @@ fn report(e: &anyhow::Error) -> String {
 }
 
 fn main() -> std::process::ExitCode {
+    // The FUSE fd holder (lazy::fuse_handover), started by the daemon itself.
+    let mut argv = std::env::args_os().skip(1);
+    if argv.next().as_deref() == Some(std::ffi::OsStr::new(fuse_handover::HOLDER_ARG)) {
+        return holder_main(argv.next().map(PathBuf::from));
+    }
     let args = Args::parse();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -115,9 +125,37 @@ fn main() -> std::process::ExitCode {
         }
     };
     match runtime.block_on(run(args)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        // Exit without dropping the runtime: fuser answers EIO for the FUSE requests of the
+        // tasks it would drop; unanswered, the next process gets them resent instead.
+        Ok(()) => std::process::exit(0),
         Err(e) => {
             eprintln!("snapshotter: {}", report(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn holder_main(socket: Option<PathBuf>) -> std::process::ExitCode {
+    let Some(socket) = socket else {
+        eprintln!("usage: snapshotter {} SOCKET", fuse_handover::HOLDER_ARG);
+        return std::process::ExitCode::FAILURE;
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::new("info"))
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    // Signals meant for the snapshotter (its process group, a terminal) must not end us.
+    // SAFETY: setting signal dispositions to SIG_IGN.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+    match fuse_handover::run_holder(&socket) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("snapshotter fd holder: {e}");
             std::process::ExitCode::FAILURE
         }
     }
@@ -147,9 +185,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .await?
             .with_context(|| format!("open snapshotter root {}", config.root.display()))?
     };
-    let remote = remote_layers(&config, &metrics)?;
+    let (remote, manager) = remote_layers(&config, &metrics)?;
+    // The previous process's FUSE connections first: containers' reads go on.
+    if let Some(m) = &manager {
+        let resumed = m.resume_handed_over().await;
+        if resumed > 0 {
+            tracing::info!(
+                resumed,
+                "FUSE connections of the previous process served again"
+            );
+        }
+    }
     let service = Service::new(Arc::new(core), remote, metrics.clone());
     let restored = service.restore_remote_snapshots().await?;
+    if let Some(m) = &manager {
+        m.finish_resume().await;
+    }
     tracing::info!(root = %config.root.display(), restored, "snapshotter ready");
 
     // One signal stops both servers.
@@ -178,6 +229,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(task) = metrics_task {
         if let Ok(Err(e)) = task.await {
             tracing::warn!(error = %e, "metrics endpoint");
+        }
+    }
+    if let Some(m) = &manager {
+        if config.lazy.unmount_on_exit {
+            m.unmount_all().await;
+        } else {
+            // The next process serves them again (docs/lazy.md, "Restarts").
+            m.leave_mounted().await;
         }
     }
     core.metadata().flush()?;

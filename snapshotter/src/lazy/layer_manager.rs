@@ -11,13 +11,14 @@ use std::{
 };
 
 use faasnet_format::Toc;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{
     block_cache::BlockCache,
-    block_source::{ChainOptions, FetchChain, UpstreamProvider},
+    block_source::{ChainOptions, FetchChain, StaticUpstream, UpstreamProvider},
     block_store::{BlockStore, FetchGate, MemCache},
-    fuse_fs::{LayerMount, MountSettings},
+    fuse_fs::{LayerMount, MountSettings, ResumedSession},
+    fuse_handover::{self, FdStore},
     metrics::LazyMetrics,
     peer_server::PeerServer,
     prefetch::{self, PrefetchOptions, PrefetchReport},
@@ -52,6 +53,9 @@ pub struct LayerOptions {
     pub fuse_threads: usize,
     /// Blocks fetched ahead of each on-demand read (0: none).
     pub readahead_blocks: usize,
+    /// Unix socket of the FUSE fd holder that keeps mounts' connections across restarts
+    /// (started if absent); `None`: mounts die with the process.
+    pub handover_socket: Option<PathBuf>,
 }
 
 impl Default for LayerOptions {
@@ -70,6 +74,7 @@ impl Default for LayerOptions {
             prefetch_run_blocks: 2,
             fuse_threads: 4,
             readahead_blocks: 8,
+            handover_socket: None,
         }
     }
 }
@@ -89,10 +94,14 @@ impl LayerOptions {
             prefetch_run_blocks: lazy.prefetch_run_blocks,
             readahead_blocks: lazy.readahead_blocks,
             mem_cache_bytes: lazy.memory_cache_bytes as usize,
+            handover_socket: Some(config.root.join(HANDOVER_SOCKET)),
             ..LayerOptions::default()
         }
     }
 }
+
+/// The FUSE fd holder's socket, in the daemon's root.
+pub const HANDOVER_SOCKET: &str = "fuse-handover.sock";
 
 /// A TOC saved by [`save_toc`], if it is there and still valid.
 fn load_toc(path: &Path) -> Option<Toc> {
@@ -135,6 +144,14 @@ pub struct LayerManager {
     /// Parsed TOCs by layer digest, so that a layer mounted again needs no request.
     tocs: Mutex<HashMap<String, Arc<Toc>>>,
     mounts: tokio::sync::Mutex<HashMap<PathBuf, Mounted>>,
+    /// Where mounts' FUSE connections are handed over (docs/lazy.md, "Restarts").
+    handover: Option<Arc<FdStore>>,
+    /// Connections of the previous process, served again, that were still attached at
+    /// their mountpoint: [`Self::mount`] of that mountpoint puts them back.
+    resumed: tokio::sync::Mutex<HashMap<PathBuf, ResumedSession>>,
+    /// Resumed connections not (or no longer) attached anywhere, served until their last
+    /// user goes.
+    orphans: Mutex<Vec<ResumedSession>>,
 }
 
 impl LayerManager {
@@ -153,8 +170,20 @@ impl LayerManager {
             Some(addr) => Some(PeerServer::bind_std(addr, metrics.clone())?),
             None => None,
         };
+        let handover = options.handover_socket.as_deref().and_then(|socket| {
+            match FdStore::connect_or_spawn(socket, fuse_handover::spawn_holder_process) {
+                Ok(store) => Some(Arc::new(store)),
+                Err(e) => {
+                    warn!(socket = %socket.display(), error = %e, "no FUSE fd holder: mounts will not survive a restart");
+                    None
+                }
+            }
+        });
         Ok(Arc::new(LayerManager {
             mem: MemCache::new(options.mem_cache_bytes),
+            handover,
+            resumed: Default::default(),
+            orphans: Default::default(),
             options,
             cache,
             registry,
@@ -317,14 +346,26 @@ impl LayerManager {
             return Ok(());
         }
         let store = self.open_layer(layer, blob_size, upstream).await?;
-        let mount = LayerMount::mount(
-            store.clone(),
-            mountpoint,
-            MountSettings {
-                threads: self.options.fuse_threads,
-            },
-        )
-        .await?;
+        let resumed = self.resumed.lock().await.remove(mountpoint);
+        let mut mount = None;
+        if let Some(r) = resumed {
+            if r.held().digest != layer.digest {
+                warn!(mountpoint = %mountpoint.display(), held = %r.held().digest, wanted = %layer.digest, "resumed mount is of another layer; mounting again");
+                self.orphan(r).await;
+            } else {
+                match r.attach(store.clone(), mountpoint) {
+                    Ok(m) => mount = Some(m),
+                    Err((r, why)) => {
+                        warn!(mountpoint = %mountpoint.display(), reason = %why, "cannot put the resumed mount back; mounting again (running containers keep the old one)");
+                        self.orphans.lock().unwrap().push(r);
+                    }
+                }
+            }
+        }
+        let mount = match mount {
+            Some(m) => m,
+            None => LayerMount::mount(store.clone(), mountpoint, self.mount_settings()).await?,
+        };
         let mut mounts = self.mounts.lock().await;
         if mounts.contains_key(mountpoint) {
             // Raced with another mount of the same mountpoint: ours is on top, take it off.
@@ -347,6 +388,124 @@ impl LayerManager {
         Ok(())
     }
 
+    fn mount_settings(&self) -> MountSettings {
+        MountSettings {
+            threads: self.options.fuse_threads,
+            handover: self.handover.clone(),
+        }
+    }
+
+    /// Serves again every FUSE connection the previous process handed over (call once at
+    /// startup, before the remote snapshots are restored): container reads waiting on them
+    /// go on (those left unanswered are resent), lookups at once, reads as soon as
+    /// [`Self::mount`] (restoring the snapshot) or [`Self::finish_resume`] gives the layer
+    /// its upstream. A connection that cannot be served is closed, so that its users get
+    /// an error instead of waiting forever. Returns how many are served.
+    pub async fn resume_handed_over(&self) -> usize {
+        let Some(handover) = self.handover.clone() else {
+            return 0;
+        };
+        let held = match tokio::task::spawn_blocking({
+            let h = handover.clone();
+            move || h.list()
+        })
+        .await
+        {
+            Ok(Ok(held)) => held,
+            Ok(Err(e)) => {
+                warn!(error = %e, "cannot list handed-over FUSE connections");
+                return 0;
+            }
+            Err(e) => {
+                warn!(error = %e, "listing handed-over FUSE connections");
+                return 0;
+            }
+        };
+        let mut served = 0;
+        for (held, fd) in held {
+            let resumed = async {
+                let layer = LayerRef::new(&held.registry, &held.repository, &held.digest)?;
+                let toc = self.toc(&layer, None).await?;
+                ResumedSession::resume(held.clone(), fd, toc, self.mount_settings()).await
+            }
+            .await;
+            match resumed {
+                Ok(r) => {
+                    served += 1;
+                    let mut map = self.resumed.lock().await;
+                    if r.attached_copy() && !map.contains_key(&held.mountpoint) {
+                        map.insert(held.mountpoint.clone(), r);
+                    } else {
+                        drop(map);
+                        self.orphans.lock().unwrap().push(r);
+                    }
+                }
+                Err(e) => {
+                    warn!(mountpoint = %held.mountpoint.display(), error = %e, "cannot serve a handed-over FUSE connection; closing it (its users get errors)");
+                    let h = handover.clone();
+                    let _ = tokio::task::spawn_blocking(move || h.forget(&held)).await;
+                }
+            }
+        }
+        served
+    }
+
+    /// After the remote snapshots are restored: resumed connections no snapshot took back
+    /// read from the registry-rooted chain and are detached from their mountpoint; they are
+    /// served until their last user goes.
+    pub async fn finish_resume(&self) {
+        let left: Vec<ResumedSession> = self.resumed.lock().await.drain().map(|(_, r)| r).collect();
+        for r in left {
+            let mp = r.held().mountpoint.clone();
+            info!(mountpoint = %mp.display(), "handed-over mount belongs to no remote snapshot; detached, served until its users go");
+            let detach =
+                fuse_handover::fuse_mount_dev(&mp).as_deref() == Some(r.held().dev.as_str());
+            self.orphan(r).await;
+            if detach {
+                let _ = nix::mount::umount2(&mp, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+        let pending: Vec<usize> = {
+            let orphans = self.orphans.lock().unwrap();
+            (0..orphans.len()).collect()
+        };
+        for i in pending {
+            let held = self
+                .orphans
+                .lock()
+                .unwrap()
+                .get(i)
+                .map(|r| r.held().clone());
+            let Some(held) = held else { continue };
+            if let Ok(layer) = LayerRef::new(&held.registry, &held.repository, &held.digest) {
+                match self.open_layer(&layer, None, StaticUpstream::root()).await {
+                    Ok(store) => {
+                        if let Some(r) = self.orphans.lock().unwrap().get(i) {
+                            r.set_store(store);
+                        }
+                    }
+                    Err(e) => {
+                        warn!(layer = %layer, error = %e, "cannot open the layer of a resumed mount")
+                    }
+                }
+            }
+        }
+        self.orphans.lock().unwrap().retain(|r| !r.ended());
+    }
+
+    /// Keeps `r` served (detached from any mountpoint), reading from the registry-rooted
+    /// chain if nothing gave it a store yet.
+    async fn orphan(&self, r: ResumedSession) {
+        let r = r.into_detached();
+        if let Ok(layer) = LayerRef::new(&r.held().registry, &r.held().repository, &r.held().digest)
+        {
+            if let Ok(store) = self.open_layer(&layer, None, StaticUpstream::root()).await {
+                r.set_store(store);
+            }
+        }
+        self.orphans.lock().unwrap().push(r);
+    }
+
     /// Whether something is mounted at `mountpoint` by this manager.
     pub async fn is_mounted(&self, mountpoint: &Path) -> bool {
         self.mounts.lock().await.contains_key(mountpoint)
@@ -362,8 +521,15 @@ impl LayerManager {
             p.abort();
         }
         let store = m.mount.store().clone();
-        // The blocks read at start, for the prefetch order of the next run; the first run's
-        // record is kept (it is the cold start's).
+        self.save_access_order(&store);
+        let result = m.mount.unmount().await;
+        self.release_layer(&store.layer().digest).await;
+        result.map(|()| true)
+    }
+
+    /// The blocks read at start, for the prefetch order of the next run; the first run's
+    /// record is kept (it is the cold start's).
+    fn save_access_order(&self, store: &BlockStore) {
         let order = store.access_order();
         let path = self.access_order_path(store.layer());
         if !order.is_empty() && !path.exists() {
@@ -371,9 +537,24 @@ impl LayerManager {
                 warn!(path = %path.display(), error = %e, "cannot save access order");
             }
         }
-        let result = m.mount.unmount().await;
-        self.release_layer(&store.layer().digest).await;
-        result.map(|()| true)
+    }
+
+    /// Leaves every layer mounted for the next process (shutdown for a restart): the FUSE
+    /// connections stay with the holder; reads arriving meanwhile wait in the kernel.
+    /// Without a holder, this unmounts instead (the mounts could not outlive us).
+    pub async fn leave_mounted(&self) {
+        if self.handover.is_none() {
+            return self.unmount_all().await;
+        }
+        let mounts: Vec<(PathBuf, Mounted)> = self.mounts.lock().await.drain().collect();
+        for (mp, m) in mounts {
+            if let Some(p) = m.prefetch {
+                p.abort();
+            }
+            self.save_access_order(m.mount.store());
+            m.mount.leave_mounted();
+            debug!(mountpoint = %mp.display(), "left mounted for the next process");
+        }
     }
 
     /// Unmounts everything (shutdown).

@@ -21,6 +21,7 @@
 //! - [`block_cache`]: the on-disk cache of stored blocks with a persisted bitmap and a quota.
 //! - [`block_store`]: one layer's blocks: memory LRU, disk cache, single-flight fetches.
 //! - [`fuse_fs`]: the read-only FUSE filesystem of one layer, and [`fuse_fs::LayerMount`].
+//! - [`fuse_handover`]: FUSE connections kept by a holder process across restarts.
 //! - [`peer_server`]: serves the blocks of registered layers to child nodes.
 //! - [`prefetch`]: background fetch of a whole layer, and the record of access order.
 //! - [`layer_manager`]: ties the above together per layer (mount, register, prefetch).
@@ -34,6 +35,7 @@ pub mod block_source;
 pub mod block_store;
 pub mod function_trees;
 pub mod fuse_fs;
+pub mod fuse_handover;
 pub mod layer_manager;
 pub mod metrics;
 pub mod peer_protocol;
