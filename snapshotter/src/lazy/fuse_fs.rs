@@ -33,7 +33,11 @@ use fuser::{
 };
 use tracing::{debug, info, warn};
 
-use super::{block_store::BlockStore, LazyError, Result};
+use super::{
+    block_store::BlockStore,
+    fuse_handover::{self, FdStore, HeldMount, InitOffer},
+    LazyError, Result,
+};
 
 /// Attribute and entry TTL: the layer never changes while mounted.
 const TTL: Duration = Duration::from_secs(24 * 3600);
@@ -320,35 +324,115 @@ fn resolve(nodes: &[Node], path: &str) -> Option<usize> {
     Some(cur)
 }
 
+/// The block store of a filesystem, possibly set after the filesystem started serving: a
+/// connection resumed at startup answers lookups at once (they need only the TOC) while
+/// its reads wait until the restored snapshot says which upstream the layer uses.
+pub struct StoreSlot {
+    store: std::sync::OnceLock<Arc<BlockStore>>,
+    set: tokio::sync::Notify,
+}
+
+impl StoreSlot {
+    /// A slot holding `store`, or empty.
+    pub fn new(store: Option<Arc<BlockStore>>) -> Arc<StoreSlot> {
+        let slot = StoreSlot {
+            store: std::sync::OnceLock::new(),
+            set: tokio::sync::Notify::new(),
+        };
+        if let Some(s) = store {
+            let _ = slot.store.set(s);
+        }
+        Arc::new(slot)
+    }
+
+    /// Sets the store (once; later calls are ignored) and wakes the waiting reads.
+    pub fn set(&self, store: Arc<BlockStore>) {
+        let _ = self.store.set(store);
+        self.set.notify_waiters();
+    }
+
+    /// The store, if set.
+    pub fn get(&self) -> Option<&Arc<BlockStore>> {
+        self.store.get()
+    }
+
+    async fn wait(&self) -> Arc<BlockStore> {
+        loop {
+            // Registered before the check: a set() in between still wakes us.
+            let notified = self.set.notified();
+            if let Some(s) = self.store.get() {
+                return s.clone();
+            }
+            notified.await;
+        }
+    }
+}
+
 /// The FUSE filesystem of one layer.
+///
+/// Inode numbers are TOC order (index in [`InodeTable`] + 1), file handles are always 0
+/// and no per-open state exists: a process that serves the same TOC again (after a
+/// restart) answers the kernel exactly as the previous one did for the node ids it caches.
 pub struct LayerFs {
     table: InodeTable,
-    store: Arc<BlockStore>,
+    slot: Arc<StoreSlot>,
     runtime: tokio::runtime::Handle,
     blksize: u32,
     /// The kernel skips open/release when we answer ENOSYS (FUSE_NO_OPEN_SUPPORT): two
     /// fewer round trips per file, and the page cache is kept (the layer is immutable).
     no_open: bool,
+    block_size: u32,
+    /// What the kernel offered at INIT, recorded for a later resume.
+    offer: Arc<std::sync::Mutex<Option<InitOffer>>>,
 }
 
 impl LayerFs {
     /// A filesystem over `store`'s layer; reads run on `runtime`.
     pub fn new(store: Arc<BlockStore>, runtime: tokio::runtime::Handle) -> LayerFs {
-        let table = InodeTable::build(store.toc());
+        let toc = store.toc();
+        let (table, block_size) = (InodeTable::build(toc), toc.block_size);
+        LayerFs::with_slot(table, block_size, StoreSlot::new(Some(store)), runtime)
+    }
+
+    /// A filesystem with the inode table of `toc`, reading from whatever `slot` holds.
+    pub fn with_slot(
+        table: InodeTable,
+        block_size: u32,
+        slot: Arc<StoreSlot>,
+        runtime: tokio::runtime::Handle,
+    ) -> LayerFs {
         LayerFs {
             table,
             blksize: 4096,
             no_open: false,
-            store,
+            block_size,
+            slot,
             runtime,
+            offer: Default::default(),
         }
+    }
+
+    /// Where [`Filesystem::init`] records the kernel's offer.
+    fn offer_cell(&self) -> Arc<std::sync::Mutex<Option<InitOffer>>> {
+        self.offer.clone()
     }
 }
 
 impl Filesystem for LayerFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let max_readahead = match config.set_max_readahead(u32::MAX) {
+            Err(max) => max,
+            Ok(_) => u32::MAX,
+        };
+        let abi = config.kernel_abi();
+        *self.offer.lock().unwrap() = Some(InitOffer {
+            major: abi.0,
+            minor: abi.1,
+            flags: config.capabilities().bits(),
+            max_readahead,
+        });
         // Large readahead: a block is fetched whole anyway.
-        let want = self.store.toc().block_size.max(128 * 1024);
+        let want = self.block_size.max(128 * 1024);
         if let Err(max) = config.set_max_readahead(want) {
             let _ = config.set_max_readahead(max);
         }
@@ -443,10 +527,10 @@ impl Filesystem for LayerFs {
         }
         let len = (size as u64).min(n.size - offset) as usize;
         let start = n.data_offset + offset;
-        let file_end = n.data_offset + n.size;
-        let store = self.store.clone();
+        let slot = self.slot.clone();
         self.runtime.spawn(async move {
-            match store.read_at(start, len, file_end).await {
+            let store = slot.wait().await;
+            match store.read_at(start, len).await {
                 Ok(data) => reply.data(&data),
                 Err(e) => {
                     warn!(layer = %store.layer().digest, ino = ino.0, offset, error = %e, "read failed");
@@ -571,27 +655,78 @@ impl Filesystem for LayerFs {
 /// FUSE mount settings.
 #[derive(Clone, Debug)]
 pub struct MountSettings {
-    /// FUSE worker threads.
+    /// FUSE worker threads. They share the mount's one `/dev/fuse` descriptor (no
+    /// `FUSE_DEV_IOC_CLONE`): the kernel fails the requests in flight on a cloned descriptor
+    /// when it is closed, so with clones a snapshotter killed mid-read would fail those
+    /// reads instead of having them resent to its successor.
     pub threads: usize,
+    /// Where to hand the mount's FUSE connection over, so it outlives this process.
+    pub handover: Option<Arc<FdStore>>,
 }
 
 impl Default for MountSettings {
     fn default() -> Self {
-        MountSettings { threads: 4 }
+        MountSettings {
+            threads: 4,
+            handover: None,
+        }
     }
 }
 
-/// A mounted layer. [`LayerMount::unmount`] (or drop) unmounts it, lazily if it is busy.
+fn session_config(settings: &MountSettings) -> fuser::Config {
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        MountOption::RO,
+        MountOption::DefaultPermissions,
+        MountOption::FSName("faasnet".into()),
+        MountOption::Subtype("faasnet".into()),
+        MountOption::NoAtime,
+    ];
+    config.acl = SessionACL::All;
+    config.n_threads = Some(settings.threads.max(1));
+    config.clone_fd = false;
+    config
+}
+
+/// Runs `session` on a thread named after the layer; the receiver gets a message when it
+/// ends (the connection is gone).
+fn run_session<FS: Filesystem>(
+    session: fuser::Session<FS>,
+    digest_hex: &str,
+) -> std::io::Result<std::sync::mpsc::Receiver<()>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let name = format!("fuse-{}", &digest_hex[..12.min(digest_hex.len())]);
+    std::thread::Builder::new().name(name).spawn(move || {
+        if let Err(e) = session.run() {
+            warn!(error = %e, "FUSE session ended with an error");
+        }
+        let _ = tx.send(());
+    })?;
+    Ok(rx)
+}
+
+/// How a mount is taken down.
+enum Unmounter {
+    /// fuser mounted it.
+    Fuser(fuser::SessionUnmounter),
+    /// A resumed connection: umount(2) ourselves.
+    Syscall,
+}
+
+/// A mounted layer. [`LayerMount::unmount`] (or drop) unmounts it, lazily if it is busy;
+/// [`LayerMount::leave_mounted`] leaves it to the next process.
 pub struct LayerMount {
     mountpoint: PathBuf,
-    unmounter: Option<fuser::SessionUnmounter>,
+    unmounter: Option<Unmounter>,
     done: Option<std::sync::mpsc::Receiver<()>>,
     store: Arc<BlockStore>,
+    resumed: bool,
 }
 
 impl LayerMount {
     /// Mounts `store`'s layer at `mountpoint` (an existing directory). Must run inside a
-    /// multi-threaded tokio runtime: FUSE reads are answered from tasks on it.
+    /// multi-threaded tokio runtime: FUSE reads are answered from tasks on it. With
+    /// `settings.handover`, the connection is handed over right after the mount.
     pub async fn mount(
         store: Arc<BlockStore>,
         mountpoint: &Path,
@@ -611,28 +746,16 @@ impl LayerMount {
         let fs_store = store.clone();
         let (unmounter, done) = tokio::task::spawn_blocking(move || {
             let fs = LayerFs::new(fs_store.clone(), runtime);
-            let mut config = fuser::Config::default();
-            config.mount_options = vec![
-                MountOption::RO,
-                MountOption::DefaultPermissions,
-                MountOption::FSName("faasnet".into()),
-                MountOption::Subtype("faasnet".into()),
-                MountOption::NoAtime,
-            ];
-            config.acl = SessionACL::All;
-            config.n_threads = Some(settings.threads.max(1));
-            config.clone_fd = true;
+            let offer = fs.offer_cell();
+            let config = session_config(&settings);
             let mut session = fuser::Session::new(fs, &mp, &config)?;
-            let unmounter = session.unmount_callable();
-            let (tx, rx) = std::sync::mpsc::channel();
-            let name = format!("fuse-{}", &fs_store.layer().digest_hex()[..12]);
-            std::thread::Builder::new().name(name).spawn(move || {
-                if let Err(e) = session.run() {
-                    warn!(error = %e, "FUSE session ended with an error");
-                }
-                let _ = tx.send(());
-            })?;
-            Ok::<_, std::io::Error>((unmounter, rx))
+            let unmounter = session.unmounter_for_layer();
+            if let Some(handover) = &settings.handover {
+                let offer = *offer.lock().unwrap();
+                hand_over(handover, &session, &mp, fs_store.layer(), offer);
+            }
+            let done = run_session(session, &fs_store.layer().digest_hex())?;
+            Ok::<_, std::io::Error>((unmounter, done))
         })
         .await
         .map_err(|e| mount_err(format!("mount task: {e}")))?
@@ -640,9 +763,10 @@ impl LayerMount {
         info!(layer = %store.layer(), mountpoint = %mountpoint.display(), "layer mounted");
         Ok(LayerMount {
             mountpoint: mountpoint.to_path_buf(),
-            unmounter: Some(unmounter),
+            unmounter: Some(Unmounter::Fuser(unmounter)),
             done: Some(done),
             store,
+            resumed: false,
         })
     }
 
@@ -654,6 +778,11 @@ impl LayerMount {
     /// The layer's block store.
     pub fn store(&self) -> &Arc<BlockStore> {
         &self.store
+    }
+
+    /// Whether this mount was resumed from a previous process.
+    pub fn resumed(&self) -> bool {
+        self.resumed
     }
 
     /// Unmounts; when the filesystem is busy, detaches it lazily (it goes away when its last
@@ -669,17 +798,193 @@ impl LayerMount {
                 reason: format!("unmount task: {e}"),
             })?
     }
+
+    /// Leaves the layer mounted (for the next snapshotter process, which takes its
+    /// connection over from the holder). The session keeps serving until this process ends.
+    pub fn leave_mounted(mut self) {
+        self.unmounter = None;
+    }
+}
+
+trait UnmounterForLayer {
+    fn unmounter_for_layer(&mut self) -> fuser::SessionUnmounter;
+}
+
+impl<FS: Filesystem> UnmounterForLayer for fuser::Session<FS> {
+    fn unmounter_for_layer(&mut self) -> fuser::SessionUnmounter {
+        self.unmount_callable()
+    }
+}
+
+/// Hands a duplicate of `session`'s descriptor to the holder; failures are logged (the
+/// mount then does not survive a restart, as before handover existed).
+fn hand_over<FS: Filesystem>(
+    handover: &FdStore,
+    session: &fuser::Session<FS>,
+    mountpoint: &Path,
+    layer: &super::LayerRef,
+    offer: Option<InitOffer>,
+) {
+    use std::os::fd::AsFd;
+    let Some(init) = offer else {
+        warn!(mountpoint = %mountpoint.display(), "no INIT offer recorded; mount not handed over");
+        return;
+    };
+    let Some(dev) = fuse_handover::fuse_mount_dev(mountpoint) else {
+        warn!(mountpoint = %mountpoint.display(), "mount not in mountinfo; not handed over");
+        return;
+    };
+    let held = HeldMount {
+        mountpoint: mountpoint.to_path_buf(),
+        dev,
+        registry: layer.registry.clone(),
+        repository: layer.repository.clone(),
+        digest: layer.digest.clone(),
+        init,
+    };
+    match handover.put(&held, session.as_fd()) {
+        Ok(()) => {
+            debug!(mountpoint = %mountpoint.display(), dev = %held.dev, "FUSE connection handed over")
+        }
+        Err(e) => {
+            warn!(mountpoint = %mountpoint.display(), error = %e, "cannot hand the FUSE connection over; a restart will remount this layer")
+        }
+    }
+}
+
+/// A FUSE connection taken back from the holder and served again, before the snapshot it
+/// belongs to is restored (which decides the layer's upstream: reads wait until then).
+pub struct ResumedSession {
+    held: HeldMount,
+    slot: Arc<StoreSlot>,
+    done: std::sync::mpsc::Receiver<()>,
+    /// A detached copy of the mount, taken while it was still attached at its mountpoint
+    /// (the daemon detaches remote snapshots' mountpoints before restoring them).
+    tree: Option<std::os::fd::OwnedFd>,
+}
+
+impl ResumedSession {
+    /// Serves `dev` (the connection of `held`) with the inode table of `toc`, and asks the
+    /// kernel to resend the requests the previous process left unanswered.
+    pub async fn resume(
+        held: HeldMount,
+        dev: std::os::fd::OwnedFd,
+        toc: Arc<faasnet_format::Toc>,
+        settings: MountSettings,
+    ) -> Result<ResumedSession> {
+        let runtime = tokio::runtime::Handle::current();
+        let err = |reason: String| LazyError::Mount {
+            mountpoint: held.mountpoint.display().to_string(),
+            reason,
+        };
+        let slot = StoreSlot::new(None);
+        let (fs_slot, h) = (slot.clone(), held.clone());
+        let (done, tree) = tokio::task::spawn_blocking(move || {
+            let table = InodeTable::build(&toc);
+            let fs = LayerFs::with_slot(table, toc.block_size, fs_slot, runtime);
+            let session = fuse_handover::resume_session(fs, dev, &h.init, session_config(&settings))?;
+            let digest_hex = h.digest.rsplit(':').next().unwrap_or("layer").to_string();
+            let done = run_session(session, &digest_hex)?;
+            // Served now: the path walk to the mountpoint cannot block on it.
+            let tree = match fuse_handover::fuse_mount_dev(&h.mountpoint) {
+                Some(dev) if dev == h.dev => match fuse_handover::clone_mount(&h.mountpoint) {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        warn!(mountpoint = %h.mountpoint.display(), error = %e, "cannot keep a copy of the resumed mount");
+                        None
+                    }
+                },
+                _ => None,
+            };
+            Ok::<_, std::io::Error>((done, tree))
+        })
+        .await
+        .map_err(|e| err(format!("resume task: {e}")))?
+        .map_err(|e| err(format!("resume: {e}")))?;
+        info!(mountpoint = %held.mountpoint.display(), dev = %held.dev, attached = tree.is_some(), "resumed FUSE session of the previous process");
+        Ok(ResumedSession {
+            held,
+            slot,
+            done,
+            tree,
+        })
+    }
+
+    /// What the holder knows about it.
+    pub fn held(&self) -> &HeldMount {
+        &self.held
+    }
+
+    /// Starts reading through `store`.
+    pub fn set_store(&self, store: Arc<BlockStore>) {
+        self.slot.set(store);
+    }
+
+    /// Reads through `store` and puts the mount back at `mountpoint` (where it was):
+    /// the resumed mount serves new containers too. Fails (giving the session back) when
+    /// no copy of the mount was kept or it cannot be attached.
+    pub fn attach(
+        mut self,
+        store: Arc<BlockStore>,
+        mountpoint: &Path,
+    ) -> std::result::Result<LayerMount, (ResumedSession, String)> {
+        self.slot.set(store.clone());
+        let Some(tree) = self.tree.take() else {
+            return Err((self, "no copy of the mount was kept".into()));
+        };
+        // Still there (no detach happened): nothing to do.
+        let attached =
+            fuse_handover::fuse_mount_dev(mountpoint).as_deref() == Some(self.held.dev.as_str());
+        if !attached {
+            if let Err(e) = fuse_handover::attach_mount(std::os::fd::AsFd::as_fd(&tree), mountpoint)
+            {
+                return Err((self, format!("move_mount: {e}")));
+            }
+        }
+        info!(mountpoint = %mountpoint.display(), "resumed mount attached");
+        Ok(LayerMount {
+            mountpoint: mountpoint.to_path_buf(),
+            unmounter: Some(Unmounter::Syscall),
+            done: Some(self.done),
+            store,
+            resumed: true,
+        })
+    }
+
+    /// Whether a copy of the mount was kept to put it back at its mountpoint.
+    pub fn attached_copy(&self) -> bool {
+        self.tree.is_some()
+    }
+
+    /// Gives up the copy of the mount: the session serves whoever still uses the
+    /// filesystem, which goes away with its last user.
+    pub fn into_detached(mut self) -> ResumedSession {
+        self.tree = None;
+        self
+    }
+
+    /// Whether its connection has ended (its filesystem is gone).
+    pub fn ended(&self) -> bool {
+        !matches!(
+            self.done.try_recv(),
+            Err(std::sync::mpsc::TryRecvError::Empty)
+        )
+    }
 }
 
 fn unmount_blocking(
     mp: &Path,
-    unmounter: Option<fuser::SessionUnmounter>,
+    unmounter: Option<Unmounter>,
     done: Option<std::sync::mpsc::Receiver<()>>,
 ) -> Result<()> {
-    let Some(mut unmounter) = unmounter else {
-        return Ok(());
+    let result = match unmounter {
+        None => return Ok(()),
+        Some(Unmounter::Fuser(mut u)) => u.unmount(),
+        Some(Unmounter::Syscall) => {
+            nix::mount::umount2(mp, nix::mount::MntFlags::empty()).map_err(std::io::Error::from)
+        }
     };
-    if let Err(e) = unmounter.unmount() {
+    if let Err(e) = result {
         debug!(mountpoint = %mp.display(), error = %e, "unmount failed; detaching lazily");
         nix::mount::umount2(mp, nix::mount::MntFlags::MNT_DETACH).map_err(|e| {
             LazyError::Mount {
@@ -709,5 +1014,54 @@ impl Drop for LayerMount {
                 warn!(error = %e, "unmount on drop");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inode_numbers_are_a_function_of_the_toc() {
+        use faasnet_format::{EntryKind, TocEntry};
+        let entry = |path: &str, kind: EntryKind| TocEntry {
+            path: path.into(),
+            kind,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            size: 0,
+            mtime: 0,
+            mtime_nsec: 0,
+            link: None,
+            xattrs: Default::default(),
+            devmajor: 0,
+            devminor: 0,
+            offset: 0,
+        };
+        let mut toc = Toc {
+            version: 1,
+            block_size: 4096,
+            tar_size: 0,
+            diff_id: String::new(),
+            original: None,
+            blocks: Vec::new(),
+            entries: Vec::new(),
+        };
+        toc.entries = vec![
+            entry("b", EntryKind::Dir),
+            entry("b/x", EntryKind::File),
+            entry("a", EntryKind::File),
+            entry("b/.wh.y", EntryKind::File),
+        ];
+        let names = |t: &InodeTable| -> Vec<(OsString, usize)> {
+            t.nodes
+                .iter()
+                .flat_map(|n| n.children.iter().map(|(k, v)| (k.clone(), *v)))
+                .collect()
+        };
+        let (one, two) = (InodeTable::build(&toc), InodeTable::build(&toc));
+        assert_eq!(names(&one), names(&two));
+        assert_eq!(one.len(), 5);
     }
 }
