@@ -57,9 +57,25 @@ type Flight = Shared<BoxFuture<'static, FetchResult>>;
 pub struct FetchGate {
     on_demand: AtomicUsize,
     idle: tokio::sync::Notify,
+    /// When the last on-demand fetch ended.
+    last_done: Mutex<Option<std::time::Instant>>,
 }
 
 impl FetchGate {
+    /// Waits until no on-demand fetch has been in flight for `quiet`: a starting container
+    /// reads in bursts with short pauses (imports, CPU work), and a prefetch slipped into a
+    /// pause would hold the link when the next burst comes.
+    pub async fn wait_quiet(&self, quiet: std::time::Duration) {
+        loop {
+            self.wait_idle().await;
+            let since = self.last_done.lock().unwrap().map(|t| t.elapsed());
+            match since {
+                Some(elapsed) if elapsed < quiet => tokio::time::sleep(quiet - elapsed).await,
+                _ => return,
+            }
+        }
+    }
+
     /// Waits until no on-demand fetch is in flight.
     pub async fn wait_idle(&self) {
         loop {
@@ -82,6 +98,7 @@ struct GateGuard(Arc<FetchGate>);
 impl Drop for GateGuard {
     fn drop(&mut self) {
         if self.0.on_demand.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self.0.last_done.lock().unwrap() = Some(std::time::Instant::now());
             self.0.idle.notify_waiters();
         }
     }

@@ -3,7 +3,7 @@
 //! later run fetches those first.
 //!
 //! Prefetch yields to on-demand fetches (container reads, children's requests): before each
-//! fetch a worker waits until none is in flight on this node. At the root of a tree (upstream
+//! fetch a worker waits until none has been in flight on this node for [`QUIET`]. At the root of a tree (upstream
 //! is the registry) it fetches runs of consecutive missing blocks in one range request.
 
 use std::{
@@ -18,6 +18,11 @@ use std::{
 use tracing::{debug, info};
 
 use super::block_store::{BlockStore, Purpose};
+
+/// How long no on-demand fetch must have run before a prefetch fetch starts. Longer than the
+/// pauses between a starting container's read bursts at our link rates, short against the
+/// time a whole layer takes.
+pub const QUIET: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// How to prefetch.
 #[derive(Clone, Debug)]
@@ -85,7 +90,7 @@ pub fn spawn_prefetch(
                     if store.has_block(index) || store.is_in_flight(index) {
                         continue;
                     }
-                    store.gate().wait_idle().await;
+                    store.gate().wait_quiet(QUIET).await;
                     let at_root = store.chain().current_peer().is_none();
                     let result = if at_root {
                         store.prefetch_run(index, run_blocks).await
