@@ -387,7 +387,7 @@ cmd_run() {
     {
       printf '{"mode": "%s", "n": %d, "ref": "%s", "registry_bytes": %d, "cpu_busy": %s, "vms": [' \
         "$mode" "$(wc -w <<<"$vms")" "$ref" "$((reg1 - reg0))" \
-        "$(awk -v b="$busy" -v t="$total" 'BEGIN { printf "%.3f", t > 0 ? b / t : 0 }')"
+        "$(awk -v b="$busy" -v t="$total" 'BEGIN { printf "%.3f", (t > 0 ? b / t : 0) }')"
       local sep=""
       for i in $vms; do
         printf '%s{"vm": "vm%d", "start_ms": %s, "ok": %s, "rx_bytes": %d, "registry_bytes": %d, "peer_bytes": %d, "cache_bytes": %d, "registry_blocks": %d, "peer_blocks": %d}' \
