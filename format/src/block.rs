@@ -57,6 +57,17 @@ pub fn encode_block(raw: &[u8]) -> EncodedBlock {
 /// The digest is checked before any decompression, so a corrupt or malicious block is
 /// rejected without being interpreted.
 pub fn decode_block(index: usize, entry: &BlockEntry, stored: &[u8]) -> Result<Vec<u8>> {
+    // A block table that lies about sizes must not make us allocate for its claim.
+    if entry.raw_len > crate::MAX_BLOCK_SIZE {
+        return Err(FormatError::block(
+            index,
+            format!(
+                "block table claims {} tar bytes, more than the largest block ({})",
+                entry.raw_len,
+                crate::MAX_BLOCK_SIZE
+            ),
+        ));
+    }
     if stored.len() as u64 != entry.stored_len {
         return Err(FormatError::block(
             index,
@@ -80,6 +91,9 @@ pub fn decode_block(index: usize, entry: &BlockEntry, stored: &[u8]) -> Result<V
 
 /// Decompresses one LZ4 frame that must decode to exactly `raw_len` bytes.
 pub(crate) fn decode_frame(index: usize, stored: &[u8], raw_len: u32) -> Result<Vec<u8>> {
+    if raw_len > crate::MAX_BLOCK_SIZE {
+        return Err(FormatError::block(index, "claims more than 4 MiB of data"));
+    }
     let mut out = Vec::with_capacity(raw_len as usize);
     // Read one byte past the expected size to detect a frame that decodes to more.
     FrameDecoder::new(stored)

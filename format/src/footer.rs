@@ -122,6 +122,9 @@ pub fn toc_payload<'a>(frame: &'a [u8], footer: &Footer) -> Result<&'a [u8]> {
             footer.toc_length
         )));
     }
+    if frame.len() < FRAME_HEADER_SIZE {
+        return Err(FormatError::toc("frame is shorter than its header"));
+    }
     let magic = u32::from_le_bytes(frame[0..4].try_into().unwrap());
     let len = u32::from_le_bytes(frame[4..8].try_into().unwrap()) as usize;
     if magic != TOC_FRAME_MAGIC || len != frame.len() - FRAME_HEADER_SIZE {

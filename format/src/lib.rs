@@ -25,8 +25,8 @@ pub use block::{decode_block, encode_block, EncodedBlock};
 pub use error::{FormatError, Result};
 pub use footer::{Footer, FOOTER_SIZE};
 pub use reader::{decode_stream, parse_tail, parse_toc_frame, TailParse, DEFAULT_TAIL_FETCH};
-pub use toc::{BlockEntry, EntryKind, OriginalLayer, Toc, TocEntry};
-pub use writer::{convert_layer, ConvertOptions, ConvertedLayer};
+pub use toc::{BlockEntry, EntryChecker, EntryKind, OriginalLayer, Toc, TocEntry};
+pub use writer::{convert_layer, encode_tail, ConvertOptions, ConvertedLayer};
 
 /// Default block size: 512 KiB, as in the paper's evaluation.
 pub const DEFAULT_BLOCK_SIZE: u32 = 512 * 1024;

@@ -6,7 +6,7 @@ use std::io::Read;
 use tar::EntryType;
 
 use crate::error::{FormatError, Result};
-use crate::toc::{encode_xattr, normalize_path, EntryKind, TocEntry};
+use crate::toc::{encode_xattr, normalize_path, EntryChecker, EntryKind, TocEntry};
 
 /// Parses every entry of the tar stream read from `reader` into TOC entries.
 ///
@@ -16,6 +16,8 @@ pub fn index_tar<R: Read>(reader: R) -> Result<Vec<TocEntry>> {
     let mut archive = tar::Archive::new(reader);
     let mut entries: Vec<TocEntry> = Vec::new();
     let mut seen: HashSet<String> = HashSet::new();
+    // The reader's rules (Toc::validate), applied here so that the entry is named.
+    let mut checker = EntryChecker::default();
     let iter = archive
         .entries()
         .map_err(|e| FormatError::NotTar(e.to_string()))?;
@@ -71,6 +73,8 @@ pub fn index_tar<R: Read>(reader: R) -> Result<Vec<TocEntry>> {
             .map(|l| String::from_utf8(l.into_owned()))
         {
             None => None,
+            // A stray link name on another kind of entry means nothing: drop it.
+            Some(_) if !matches!(kind, EntryKind::Symlink | EntryKind::Hardlink) => None,
             Some(Err(_)) => return Err(bad("link target is not valid UTF-8".into())),
             Some(Ok(l)) if kind == EntryKind::Hardlink => {
                 let target =
@@ -117,7 +121,7 @@ pub fn index_tar<R: Read>(reader: R) -> Result<Vec<TocEntry>> {
         };
         let offset = entry.raw_file_position();
         seen.insert(path.clone());
-        entries.push(TocEntry {
+        let toc_entry = TocEntry {
             path,
             kind,
             mode,
@@ -131,7 +135,9 @@ pub fn index_tar<R: Read>(reader: R) -> Result<Vec<TocEntry>> {
             devmajor,
             devminor,
             offset,
-        });
+        };
+        checker.check(&toc_entry).map_err(bad)?;
+        entries.push(toc_entry);
         // Unread data is skipped by the tar crate when the next entry is requested; a size
         // that runs past the end of the stream surfaces there as an I/O error.
     }

@@ -12,6 +12,17 @@ use crate::error::{FormatError, Result};
 
 /// Largest uncompressed TOC accepted: bounds the allocation a hostile blob can cause.
 pub const MAX_TOC_RAW: usize = 1024 * 1024 * 1024;
+/// LZ4's largest expansion: a sequence's length bytes add at most 255 bytes each.
+const MAX_LZ4_RATIO: usize = 256;
+/// Every tar entry takes at least one 512-byte header in the stream.
+pub const TAR_HEADER_SIZE: u64 = 512;
+/// Longest path component Linux accepts (NAME_MAX).
+const NAME_MAX: usize = 255;
+/// Longest symlink target Linux accepts (PATH_MAX without the NUL).
+const LINK_MAX: usize = 4095;
+/// Longest xattr name (XATTR_NAME_MAX) and value (XATTR_SIZE_MAX) Linux accepts.
+const XATTR_NAME_MAX: usize = 255;
+const XATTR_SIZE_MAX: usize = 65536;
 
 /// The table of contents of one converted layer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -168,6 +179,16 @@ impl Toc {
                 "claims {raw_len} bytes uncompressed, more than the {MAX_TOC_RAW} allowed"
             )));
         }
+        // The decompressor allocates the claimed size up front: refuse a claim the compressed
+        // bytes cannot back (LZ4 expands at most ~255x), so a few bytes cannot cost a GiB.
+        let max_raw = (payload.len() - 4).saturating_mul(MAX_LZ4_RATIO) + 64;
+        if raw_len > max_raw {
+            return Err(FormatError::toc(format!(
+                "claims {raw_len} bytes uncompressed from {} compressed bytes, more than LZ4 \
+                 can expand to",
+                payload.len() - 4
+            )));
+        }
         let json = lz4_flex::block::decompress_size_prepended(payload)
             .map_err(|e| FormatError::toc(format!("cannot decompress: {e}")))?;
         let toc: Toc = serde_json::from_slice(&json)
@@ -177,8 +198,11 @@ impl Toc {
     }
 
     /// Checks every internal invariant a reader relies on, so that a hostile TOC is rejected
-    /// before anything is mounted: blocks tile the stream and lie inside the blob, entries
-    /// lie inside the stream, paths stay inside the root, hardlinks point at earlier entries.
+    /// before anything is mounted: blocks tile the blob up to the TOC and hold exactly the
+    /// tar bytes they claim to (within what LZ4 can produce); entries lie inside the tar
+    /// stream in archive order without overlapping; paths stay inside the root; hardlinks
+    /// point at earlier non-directories; names, link targets, times, ids and xattrs are
+    /// things a Linux filesystem can present. Every error names the block or entry at fault.
     pub fn validate(&self, blocks_end: u64) -> Result<()> {
         let bad = FormatError::toc;
         if self.version != crate::footer::FORMAT_VERSION {
@@ -190,17 +214,33 @@ impl Toc {
         let n = self.blocks.len();
         for (i, b) in self.blocks.iter().enumerate() {
             if b.offset != next_offset {
+                let how = if b.offset < next_offset {
+                    "overlaps the previous block, which ends at"
+                } else {
+                    "leaves a gap after the previous block, which ends at"
+                };
                 return Err(bad(format!(
-                    "block {i} starts at {} but the previous block ends at {next_offset}",
+                    "block {i} starts at {} and {how} {next_offset}",
                     b.offset
                 )));
             }
-            if b.raw_len > self.block_size || (i + 1 < n && b.raw_len != self.block_size) {
-                return Err(bad(format!("block {i} holds {} tar bytes", b.raw_len)));
+            if b.raw_len == 0
+                || b.raw_len > self.block_size
+                || (i + 1 < n && b.raw_len != self.block_size)
+            {
+                return Err(bad(format!(
+                    "block {i} claims to hold {} tar bytes (block size {}, only the last block \
+                     may be shorter)",
+                    b.raw_len, self.block_size
+                )));
             }
             // An LZ4 frame never grows data by more than a small margin.
             if b.stored_len == 0 || b.stored_len > b.raw_len as u64 + b.raw_len as u64 / 128 + 64 {
-                return Err(bad(format!("block {i} has stored length {}", b.stored_len)));
+                return Err(bad(format!(
+                    "block {i} claims a stored length of {} bytes for {} tar bytes, more than \
+                     an LZ4 frame can take",
+                    b.stored_len, b.raw_len
+                )));
             }
             if !is_sha256_digest(&b.digest) {
                 return Err(bad(format!(
@@ -209,6 +249,13 @@ impl Toc {
                 )));
             }
             next_offset = b.offset + b.stored_len;
+            if next_offset > blocks_end {
+                return Err(bad(format!(
+                    "block {i} at {}+{} runs past the end of the block data at {blocks_end} \
+                     (outside the blob, or into the TOC)",
+                    b.offset, b.stored_len
+                )));
+            }
             raw_total += b.raw_len as u64;
         }
         if next_offset != blocks_end {
@@ -225,13 +272,18 @@ impl Toc {
         if !is_sha256_digest(&self.diff_id) {
             return Err(bad(format!("malformed diffID {:?}", self.diff_id)));
         }
-        let mut seen = std::collections::HashSet::new();
+        if self.entries.len() as u64 > self.tar_size / TAR_HEADER_SIZE {
+            return Err(bad(format!(
+                "lists {} entries, more than a {}-byte tar stream can hold",
+                self.entries.len(),
+                self.tar_size
+            )));
+        }
+        let mut checker = EntryChecker::default();
         for e in &self.entries {
-            match normalize_path(&e.path) {
-                Ok(p) if p == e.path => {}
-                Ok(_) => return Err(bad(format!("entry path {:?} is not normalized", e.path))),
-                Err(why) => return Err(bad(format!("entry {:?}: {why}", e.path))),
-            }
+            checker
+                .check(e)
+                .map_err(|why| bad(format!("entry {:?}: {why}", e.path)))?;
             let end = e.offset.checked_add(e.size);
             if end.is_none_or(|end| end > self.tar_size) {
                 return Err(bad(format!(
@@ -239,28 +291,6 @@ impl Toc {
                     e.path, e.offset, e.size, self.tar_size
                 )));
             }
-            if e.kind != EntryKind::File && e.size != 0 {
-                return Err(bad(format!(
-                    "entry {:?} is not a file but has data",
-                    e.path
-                )));
-            }
-            match e.kind {
-                EntryKind::Symlink if e.link.is_none() => {
-                    return Err(bad(format!("symlink {:?} has no target", e.path)))
-                }
-                EntryKind::Hardlink => {
-                    let target = e.link.as_deref().unwrap_or("");
-                    if !seen.contains(target) {
-                        return Err(bad(format!(
-                            "hardlink {:?} points at {target:?}, which is not an earlier entry",
-                            e.path
-                        )));
-                    }
-                }
-                _ => {}
-            }
-            seen.insert(e.path.as_str());
         }
         Ok(())
     }
@@ -275,14 +305,129 @@ impl Toc {
         if len == 0 {
             return 0..0;
         }
-        let first = self.block_index(offset);
-        let last = self.block_index(offset + len - 1);
-        first..(last + 1).min(self.blocks.len())
+        let n = self.blocks.len();
+        let first = self.block_index(offset).min(n);
+        let last = self.block_index(offset.saturating_add(len - 1));
+        first..last.saturating_add(1).clamp(first, n)
     }
 
     /// Total stored size of all blocks.
     pub fn stored_size(&self) -> u64 {
         self.blocks.iter().map(|b| b.stored_len).sum()
+    }
+}
+
+/// The per-entry rules shared by [`Toc::validate`] and the converter (so that the converter
+/// refuses, with the tar entry named, exactly what a reader would refuse).
+///
+/// Entries are checked in archive order: each one's data must start after the previous
+/// one's data and its own header (tar offsets only grow, and data never overlaps).
+#[derive(Debug, Default)]
+pub struct EntryChecker {
+    /// Kind of every path seen so far (a later entry with the same path replaces it).
+    seen: std::collections::HashMap<String, EntryKind>,
+    /// Where the previous entry's data (rounded up to whole tar records) ends.
+    data_end: u64,
+}
+
+impl EntryChecker {
+    /// Checks one entry, in archive order; returns why it is refused.
+    pub fn check(&mut self, e: &TocEntry) -> std::result::Result<(), String> {
+        match normalize_path(&e.path) {
+            Ok(p) if p == e.path => {}
+            Ok(p) => return Err(format!("path is not normalized (should be {p:?})")),
+            Err(why) => return Err(why),
+        }
+        if let Some(c) = e.path.split('/').find(|c| c.len() > NAME_MAX) {
+            return Err(format!(
+                "path component of {} bytes is longer than {NAME_MAX}",
+                c.len()
+            ));
+        }
+        if e.path.is_empty() && e.kind != EntryKind::Dir {
+            return Err("the layer root is not a directory".into());
+        }
+        let name = e.path.rsplit('/').next().unwrap_or("");
+        if let Some(hidden) = name.strip_prefix(".wh.") {
+            if hidden != ".wh..opq" && (hidden.is_empty() || hidden == "." || hidden == "..") {
+                return Err(format!("whiteout {name:?} does not name an entry"));
+            }
+        }
+        let first = self.data_end.saturating_add(TAR_HEADER_SIZE);
+        if !e.offset.is_multiple_of(TAR_HEADER_SIZE) || e.offset < first {
+            return Err(format!(
+                "data offset {} overlaps the previous entry or this entry's header (expected \
+                 a multiple of 512 from {})",
+                e.offset, first
+            ));
+        }
+        if e.kind != EntryKind::File && e.size != 0 {
+            return Err("not a regular file but has data".into());
+        }
+        if e.mode > 0o7777 {
+            return Err(format!(
+                "mode {:#o} has bits beyond the permissions",
+                e.mode
+            ));
+        }
+        if e.uid > u32::MAX as u64 || e.gid > u32::MAX as u64 {
+            return Err(format!("owner {}:{} is out of range", e.uid, e.gid));
+        }
+        if e.mtime_nsec >= 1_000_000_000 {
+            return Err(format!(
+                "mtime_nsec {} is not below one second",
+                e.mtime_nsec
+            ));
+        }
+        for (k, v) in &e.xattrs {
+            if k.is_empty() || k.len() > XATTR_NAME_MAX || k.contains('\0') {
+                return Err(format!("xattr name {k:?} is empty, too long or has a NUL"));
+            }
+            match decode_xattr(v) {
+                Some(v) if v.len() <= XATTR_SIZE_MAX => {}
+                Some(_) => return Err(format!("xattr {k:?} is longer than {XATTR_SIZE_MAX}")),
+                None => return Err(format!("xattr {k:?} is not base64")),
+            }
+        }
+        match (e.kind, e.link.as_deref()) {
+            (EntryKind::Symlink, None) => return Err("symlink has no target".into()),
+            (EntryKind::Symlink, Some(l))
+                if l.is_empty() || l.len() > LINK_MAX || l.contains('\0') =>
+            {
+                return Err(format!(
+                    "symlink target of {} bytes is empty, too long or has a NUL",
+                    l.len()
+                ));
+            }
+            (EntryKind::Symlink, Some(_)) => {}
+            (EntryKind::Hardlink, target) => {
+                let target = target.unwrap_or("");
+                match self.seen.get(target) {
+                    Some(EntryKind::Dir) => {
+                        return Err(format!("hardlink to the directory {target:?}"))
+                    }
+                    Some(_) if !target.is_empty() => {}
+                    _ => {
+                        let why = match normalize_path(target) {
+                            Err(why) => format!(" ({why})"),
+                            Ok(_) => String::new(),
+                        };
+                        return Err(format!(
+                            "hardlink target {target:?} is not an earlier entry{why}"
+                        ));
+                    }
+                }
+            }
+            (_, Some(_)) => return Err("only links have a link target".into()),
+            _ => {}
+        }
+        self.data_end = e.offset.saturating_add(
+            e.size
+                .div_ceil(TAR_HEADER_SIZE)
+                .saturating_mul(TAR_HEADER_SIZE),
+        );
+        self.seen.insert(e.path.clone(), e.kind);
+        Ok(())
     }
 }
 

@@ -141,28 +141,33 @@ where
             entries,
         };
         toc.validate(blocks_end)?;
-        let payload = toc.to_payload();
-        let frame = toc_frame(&payload);
-        let footer = Footer {
-            version: FORMAT_VERSION,
-            block_size: opts.block_size,
-            toc_offset: blocks_end,
-            toc_length: frame.len() as u64,
-            toc_sha256: Sha256::digest(&payload).into(),
-        };
-        let footer_bytes = footer.to_bytes();
-        output.write_all(&frame)?;
-        output.write_all(&footer_bytes)?;
+        let (tail, footer) = encode_tail(&toc, blocks_end);
+        output.write_all(&tail)?;
         output.flush()?;
-        blob_hasher.update(&frame);
-        blob_hasher.update(footer_bytes);
+        blob_hasher.update(&tail);
         Ok(ConvertedLayer {
-            blob_size: blocks_end + frame.len() as u64 + footer_bytes.len() as u64,
+            blob_size: blocks_end + tail.len() as u64,
             blob_digest: format!("sha256:{}", hex::encode(blob_hasher.finalize())),
             toc,
             footer,
         })
     })
+}
+
+/// The end of a blob whose blocks end at `toc_offset`: the TOC frame for `toc`, then the
+/// footer pointing at it. Does not validate `toc` (tests use it to build hostile blobs).
+pub fn encode_tail(toc: &Toc, toc_offset: u64) -> (Vec<u8>, Footer) {
+    let payload = toc.to_payload();
+    let mut tail = toc_frame(&payload);
+    let footer = Footer {
+        version: FORMAT_VERSION,
+        block_size: toc.block_size,
+        toc_offset,
+        toc_length: tail.len() as u64,
+        toc_sha256: Sha256::digest(&payload).into(),
+    };
+    tail.extend_from_slice(&footer.to_bytes());
+    (tail, footer)
 }
 
 type WriterResult<W> = Result<(W, Vec<BlockEntry>, Sha256, u64)>;
