@@ -39,6 +39,14 @@ pub enum SimError {
         #[source]
         source: faasnet_format::FormatError,
     },
+    /// A plot could not be drawn or written.
+    #[error("plot {path}: {reason}")]
+    Plot {
+        /// The output file.
+        path: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// An input is inconsistent (e.g. a start read names a block that does not exist).
     #[error("{0}")]
     Invalid(String),

@@ -12,3 +12,7 @@ pub mod trace;
 pub mod tree;
 
 pub use error::{Result, SimError};
+pub mod calibrate;
+pub mod replay;
+pub mod scenario;
+pub mod plot;
