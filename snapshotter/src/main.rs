@@ -67,11 +67,14 @@ fn load_config(args: &Args) -> anyhow::Result<Config> {
 
 /// The lazy path: converted layers mounted through FUSE and fed from cache, upstream peer
 /// or registry (`[lazy]`, `[coordinator]`). Disabled: every layer is unpacked.
+/// The lazy path's layer manager, when the lazy path is on.
+type LazyManager = Option<Arc<LayerManager>>;
+
 /// Also returns the lazy path's layer manager, for restarts (docs/lazy.md, "Restarts").
 fn remote_layers(
     config: &Config,
     metrics: &Metrics,
-) -> anyhow::Result<(Arc<dyn RemoteLayers>, Option<Arc<LayerManager>>)> {
+) -> anyhow::Result<(Arc<dyn RemoteLayers>, LazyManager)> {
     if !config.lazy.enabled {
         tracing::info!("lazy path disabled (lazy.enabled = false): all layers are unpacked");
         return Ok((Arc::new(NoRemoteLayers), None));

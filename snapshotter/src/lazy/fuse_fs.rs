@@ -527,10 +527,11 @@ impl Filesystem for LayerFs {
         }
         let len = (size as u64).min(n.size - offset) as usize;
         let start = n.data_offset + offset;
+        let file_end = n.data_offset + n.size;
         let slot = self.slot.clone();
         self.runtime.spawn(async move {
             let store = slot.wait().await;
-            match store.read_at(start, len).await {
+            match store.read_at(start, len, file_end).await {
                 Ok(data) => reply.data(&data),
                 Err(e) => {
                     warn!(layer = %store.layer().digest, ino = ino.0, offset, error = %e, "read failed");
@@ -754,7 +755,7 @@ impl LayerMount {
                 let offer = *offer.lock().unwrap();
                 hand_over(handover, &session, &mp, fs_store.layer(), offer);
             }
-            let done = run_session(session, &fs_store.layer().digest_hex())?;
+            let done = run_session(session, fs_store.layer().digest_hex())?;
             Ok::<_, std::io::Error>((unmounter, done))
         })
         .await
@@ -927,10 +928,10 @@ impl ResumedSession {
         mut self,
         store: Arc<BlockStore>,
         mountpoint: &Path,
-    ) -> std::result::Result<LayerMount, (ResumedSession, String)> {
+    ) -> std::result::Result<LayerMount, Box<(ResumedSession, String)>> {
         self.slot.set(store.clone());
         let Some(tree) = self.tree.take() else {
-            return Err((self, "no copy of the mount was kept".into()));
+            return Err(Box::new((self, "no copy of the mount was kept".into())));
         };
         // Still there (no detach happened): nothing to do.
         let attached =
@@ -938,7 +939,7 @@ impl ResumedSession {
         if !attached {
             if let Err(e) = fuse_handover::attach_mount(std::os::fd::AsFd::as_fd(&tree), mountpoint)
             {
-                return Err((self, format!("move_mount: {e}")));
+                return Err(Box::new((self, format!("move_mount: {e}"))));
             }
         }
         info!(mountpoint = %mountpoint.display(), "resumed mount attached");

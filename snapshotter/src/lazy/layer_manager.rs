@@ -355,7 +355,8 @@ impl LayerManager {
             } else {
                 match r.attach(store.clone(), mountpoint) {
                     Ok(m) => mount = Some(m),
-                    Err((r, why)) => {
+                    Err(failed) => {
+                        let (r, why) = *failed;
                         warn!(mountpoint = %mountpoint.display(), reason = %why, "cannot put the resumed mount back; mounting again (running containers keep the old one)");
                         self.orphans.lock().unwrap().push(r);
                     }
