@@ -152,7 +152,11 @@ pub struct Calibration {
 /// Fits on the N=1 runs and predicts all runs. The scenario supplies what the measurement
 /// does not (trace, latency, read-ahead, prefetch); the measurement's link and registry
 /// rates override the scenario's.
-pub fn calibrate(measured: &Measured, scenario: &Scenario, trace: &BlockTrace) -> Result<Calibration> {
+pub fn calibrate(
+    measured: &Measured,
+    scenario: &Scenario,
+    trace: &BlockTrace,
+) -> Result<Calibration> {
     let mut params = scenario.params(1);
     params.vm_link_bps = measured.params.vm_link_bps;
     params.registry_egress_bps = measured.params.registry_egress_bps;
@@ -296,7 +300,11 @@ mod tests {
         let cal = calibrate(&measured, &scenario, &trace).unwrap();
         // The sample was generated with h0 = 1.5 s and unpack at 60 MB/s, plus noise.
         assert!((cal.fit.h0_s - 1.5).abs() < 0.2, "{:?}", cal.fit);
-        assert!((cal.fit.unpack_bps / 60e6 - 1.0).abs() < 0.2, "{:?}", cal.fit);
+        assert!(
+            (cal.fit.unpack_bps / 60e6 - 1.0).abs() < 0.2,
+            "{:?}",
+            cal.fit
+        );
         assert_eq!(cal.rows.len(), measured.runs.len());
         let flagged: Vec<_> = cal.rows.iter().filter(|r| r.flagged()).collect();
         assert!(flagged.is_empty(), "{}", table(&cal));

@@ -5,14 +5,14 @@
 //! function tree by the coordinator's own [`faasnet_coordinator::function_tree::FunctionTree`]
 //! ([`tree`]); each VM reads its start working set in the recorded order ([`model`]).
 
-pub mod network;
 pub mod error;
 pub mod model;
+pub mod network;
 pub mod trace;
 pub mod tree;
 
 pub use error::{Result, SimError};
 pub mod calibrate;
+pub mod plot;
 pub mod replay;
 pub mod scenario;
-pub mod plot;

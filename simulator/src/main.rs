@@ -9,12 +9,16 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use faasnet_simulator::calibrate::{self, Measured};
 use faasnet_simulator::model::{simulate, Mode, RunResult};
+use faasnet_simulator::plot::Series;
 use faasnet_simulator::replay::{self, PaperAssumptions, GBPS};
 use faasnet_simulator::scenario::Scenario;
 use faasnet_simulator::trace;
 
 #[derive(Parser)]
-#[command(name = "faasnet-sim", about = "Flow-level simulator of FaaSNet cold starts")]
+#[command(
+    name = "faasnet-sim",
+    about = "Flow-level simulator of FaaSNet cold starts"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -196,8 +200,8 @@ fn summary_line(r: &RunResult, wall: f64) -> String {
     )
 }
 
-fn series(results: &[RunResult]) -> Vec<(String, Vec<(f64, f64, f64)>)> {
-    let mut out: Vec<(String, Vec<(f64, f64, f64)>)> = Vec::new();
+fn series(results: &[RunResult]) -> Vec<Series> {
+    let mut out: Vec<Series> = Vec::new();
     for mode in Mode::ALL {
         let pts: Vec<_> = results
             .iter()
@@ -298,7 +302,9 @@ fn trace_from_toc(
             }
             let dir = dir?;
             let name = blob.file_name()?.to_string_lossy().to_string();
-            let hex = name.trim_start_matches("sha256:").trim_start_matches("sha256_");
+            let hex = name
+                .trim_start_matches("sha256:")
+                .trim_start_matches("sha256_");
             let p = dir.join(hex);
             p.exists().then(|| read_order(&p))
         })

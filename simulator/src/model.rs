@@ -128,7 +128,7 @@ impl Params {
             ("unpack_bps", self.unpack_bps),
         ];
         for (name, v) in positive {
-            if !(v > 0.0) {
+            if v.is_nan() || v <= 0.0 {
                 return Err(SimError::Invalid(format!("{name} must be > 0")));
             }
         }
@@ -532,13 +532,11 @@ impl<'a> Lazy<'a> {
                     let fetch = self.fetches.get_mut(&k).expect("fetch in flight");
                     let src_node = src.unwrap_or(self.registry);
                     let size = self.blocks[block].2 as f64;
-                    fetch.flow = Some(self.net.start_flow(
-                        src_node,
-                        dst,
-                        size,
-                        fetch.priority,
-                        k as u64,
-                    ));
+                    fetch.flow =
+                        Some(
+                            self.net
+                                .start_flow(src_node, dst, size, fetch.priority, k as u64),
+                        );
                 }
                 Next::Timer(Timer::Serve {
                     server,

@@ -104,7 +104,10 @@ impl Eq for Share {}
 
 impl Ord for Share {
     fn cmp(&self, other: &Self) -> Ordering {
-        other.0.total_cmp(&self.0).then_with(|| other.1.cmp(&self.1))
+        other
+            .0
+            .total_cmp(&self.0)
+            .then_with(|| other.1.cmp(&self.1))
     }
 }
 
@@ -147,7 +150,10 @@ impl Network {
     /// Adds a node with the given uplink and downlink capacities in bytes per second
     /// (`f64::INFINITY` for a side that never limits, e.g. a registry's downlink).
     pub fn add_node(&mut self, up_bps: f64, down_bps: f64) -> NodeId {
-        assert!(up_bps > 0.0 && down_bps > 0.0, "capacities must be positive");
+        assert!(
+            up_bps > 0.0 && down_bps > 0.0,
+            "capacities must be positive"
+        );
         let id = self.links.len() / 2;
         for cap in [up_bps, down_bps] {
             self.links.push(Link {
@@ -205,7 +211,10 @@ impl Network {
             self.links[links[0]].cap.is_finite() || self.links[links[1]].cap.is_finite(),
             "a flow between two unlimited links would have an infinite rate"
         );
-        let slots = [self.links[links[0]].flows.len(), self.links[links[1]].flows.len()];
+        let slots = [
+            self.links[links[0]].flows.len(),
+            self.links[links[1]].flows.len(),
+        ];
         let flow = Flow {
             src,
             dst,
@@ -622,7 +631,7 @@ mod tests {
             }
             let cap = |l: usize| {
                 let (u, d) = net.capacity(l / 2);
-                if l % 2 == 0 {
+                if l.is_multiple_of(2) {
                     u
                 } else {
                     d

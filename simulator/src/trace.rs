@@ -70,7 +70,10 @@ impl BlockTrace {
             return Err(SimError::Invalid("block_size is 0".into()));
         }
         for &(l, b) in &self.start_reads {
-            let ok = self.layers.get(l).is_some_and(|layer| b < layer.blocks.len());
+            let ok = self
+                .layers
+                .get(l)
+                .is_some_and(|layer| b < layer.blocks.len());
             if !ok {
                 return Err(SimError::Invalid(format!(
                     "start read [{l}, {b}] names no block of the image"
@@ -133,7 +136,11 @@ pub const CONVERTED_OVER_GZIP: f64 = 1.31;
 /// working set of runs of consecutive blocks (1 to `max_run_blocks` long) at random places,
 /// read in random order: the shape of a real start (whole files, scattered over the image).
 pub fn synthetic(img: &SyntheticImage, block_size: u64) -> Result<BlockTrace> {
-    if img.image_bytes == 0 || block_size == 0 || !(img.compressed_ratio > 0.0) {
+    if img.image_bytes == 0
+        || block_size == 0
+        || img.compressed_ratio.is_nan()
+        || img.compressed_ratio <= 0.0
+    {
         return Err(SimError::Invalid(
             "synthetic image needs image_bytes, block_size and compressed_ratio > 0".into(),
         ));
@@ -141,7 +148,9 @@ pub fn synthetic(img: &SyntheticImage, block_size: u64) -> Result<BlockTrace> {
     let layers = img.layers.unwrap_or(1).max(1);
     let total_blocks = img.image_bytes.div_ceil(block_size) as usize;
     let per_layer = total_blocks.div_ceil(layers);
-    let block_stored = ((block_size as f64) * img.compressed_ratio).round().max(1.0) as u64;
+    let block_stored = ((block_size as f64) * img.compressed_ratio)
+        .round()
+        .max(1.0) as u64;
     let mut trace_layers = Vec::new();
     let mut left = total_blocks;
     for i in 0..layers {
@@ -209,12 +218,12 @@ fn pick_working_set(
         count += run.len();
         runs.push(run);
     }
-    for g in 0..total {
+    for (g, t) in taken.iter_mut().enumerate() {
         if count >= want {
             break;
         }
-        if !taken[g] {
-            taken[g] = true;
+        if !*t {
+            *t = true;
             count += 1;
             runs.push(vec![g]);
         }
@@ -399,7 +408,13 @@ mod tests {
         };
         convert_layer(&tar_bytes[..], &mut out, &opts, &|_| {}).unwrap();
         drop(out);
-        let t = from_blobs(&[blob.clone()], &[Some(vec![2, 0, 2, 99])], 0.5, 1).unwrap();
+        let t = from_blobs(
+            std::slice::from_ref(&blob),
+            &[Some(vec![2, 0, 2, 99])],
+            0.5,
+            1,
+        )
+        .unwrap();
         assert_eq!(t.block_size, 65_536);
         assert_eq!(t.start_reads, vec![(0, 2), (0, 0)]);
         assert_eq!(t.original_uncompressed_bytes, tar_bytes.len() as u64);
