@@ -114,6 +114,16 @@ enum Command {
         #[arg(long)]
         plot: Option<PathBuf>,
     },
+    /// Draws start time against N from a JSON file of series (the benchmark report's
+    /// measured figures): `{"title": "...", "series": {"mode": [[n, p50_s, max_s], ...]}}`.
+    Plot {
+        /// The series.
+        #[arg(long)]
+        data: PathBuf,
+        /// The PNG to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -177,7 +187,29 @@ fn main() -> Result<()> {
             }
             replay_paper(&a, out, !no_sensitivity, large_ondemand, plot)
         }
+        Command::Plot { data, out } => plot_data(&data, &out),
     }
+}
+
+/// The `plot` subcommand: series from a JSON file, drawn with the simulator's plot module.
+fn plot_data(data: &Path, out: &Path) -> Result<()> {
+    #[derive(serde::Deserialize)]
+    struct Data {
+        title: String,
+        series: std::collections::BTreeMap<String, Vec<(f64, f64, f64)>>,
+    }
+    let text =
+        std::fs::read_to_string(data).with_context(|| format!("reading {}", data.display()))?;
+    let d: Data = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{}: expected {{title, series: {{mode: [[n, p50, max]]}}}}",
+            data.display()
+        )
+    })?;
+    let series: Vec<Series> = d.series.into_iter().collect();
+    faasnet_simulator::plot::plot_start_times(out, &series, &d.title)?;
+    println!("wrote {}", out.display());
+    Ok(())
 }
 
 fn summary_header() -> &'static str {

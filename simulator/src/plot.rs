@@ -57,7 +57,7 @@ const COLORS: [RGBColor; 6] = [
 
 /// Writes a PNG (1000x600) of start time against N: for each series (a mode, say) a solid
 /// line through the medians and a thin line through the maxima. `series` holds
-/// `(label, [(n, p50_s, max_s), ...])`. The x axis is logarithmic when N spans 8x or more.
+/// `(label, [(n, p50_s, max_s), ...])`. The x axis is logarithmic when N spans 4x or more.
 pub fn plot_start_times(path: &Path, series: &[Series], title: &str) -> Result<()> {
     let err = |e: &dyn std::fmt::Display| SimError::Plot {
         path: path.display().to_string(),
@@ -88,7 +88,7 @@ pub fn plot_start_times(path: &Path, series: &[Series], title: &str) -> Result<(
     }
     // A log x axis is drawn as a linear axis over log2(N) with labels 2^k: plotters' own log
     // axis crowds its labels near each power of ten.
-    let log_x = x_max / x_min >= 8.0;
+    let log_x = x_max / x_min >= 4.0;
     let fx = move |x: f64| if log_x { x.log2() } else { x };
     let (lo, hi) = if log_x {
         (x_min.log2().floor() - 0.3, x_max.log2().ceil() + 0.3)
