@@ -94,6 +94,19 @@ pub(crate) fn decode_frame(index: usize, stored: &[u8], raw_len: u32) -> Result<
     if raw_len > crate::MAX_BLOCK_SIZE {
         return Err(FormatError::block(index, "claims more than 4 MiB of data"));
     }
+    match lz4_frame_len(stored) {
+        Ok(n) if n == stored.len() => {}
+        Ok(n) => {
+            return Err(FormatError::block(
+                index,
+                format!(
+                    "the LZ4 frame is {n} bytes, the stored block {} (bytes outside the frame)",
+                    stored.len()
+                ),
+            ))
+        }
+        Err(why) => return Err(FormatError::block(index, format!("bad LZ4 frame: {why}"))),
+    }
     let mut out = Vec::with_capacity(raw_len as usize);
     // Read one byte past the expected size to detect a frame that decodes to more.
     FrameDecoder::new(stored)
@@ -107,6 +120,51 @@ pub(crate) fn decode_frame(index: usize, stored: &[u8], raw_len: u32) -> Result<
         ));
     }
     Ok(out)
+}
+
+/// Length of the LZ4 frame at the start of `b`, from its header and block sizes (nothing
+/// decoded): a stored block must be exactly one frame.
+fn lz4_frame_len(b: &[u8]) -> std::result::Result<usize, &'static str> {
+    const LZ4_FRAME_MAGIC: u32 = 0x184D_2204;
+    let u32_at = |o: usize| -> std::result::Result<u32, &'static str> {
+        b.get(o..o + 4)
+            .map(|s| u32::from_le_bytes(s.try_into().unwrap()))
+            .ok_or("truncated")
+    };
+    if u32_at(0)? != LZ4_FRAME_MAGIC {
+        return Err("not an LZ4 frame");
+    }
+    let flg = *b.get(4).ok_or("truncated")?;
+    let mut pos = 4 + 2 + 1; // magic, FLG, BD, header checksum
+    if flg & 0x08 != 0 {
+        pos += 8; // content size
+    }
+    if flg & 0x01 != 0 {
+        pos += 4; // dictionary id
+    }
+    loop {
+        let size = u32_at(pos)?;
+        pos += 4;
+        if size == 0 {
+            break;
+        }
+        pos = pos
+            .checked_add((size & 0x7FFF_FFFF) as usize)
+            .ok_or("truncated")?;
+        if flg & 0x10 != 0 {
+            pos += 4; // block checksum
+        }
+        if pos > b.len() {
+            return Err("truncated");
+        }
+    }
+    if flg & 0x04 != 0 {
+        pos += 4; // content checksum
+    }
+    if pos > b.len() {
+        return Err("truncated");
+    }
+    Ok(pos)
 }
 
 #[cfg(test)]
@@ -150,5 +208,23 @@ mod tests {
         );
         let err = decode_block(3, &entry_for(&b), &b.stored[..10]).unwrap_err();
         assert!(err.to_string().contains("stored length"), "{err}");
+    }
+
+    #[test]
+    fn bytes_after_the_frame_are_refused() {
+        // Found by integration/tests/malicious_images.rs (frames-lie): a block table whose
+        // block holds its frame plus the next frame's first byte decoded fine.
+        let b = encode_block(&b"abc".repeat(1000));
+        let mut stored = b.stored.clone();
+        stored.push(0x04);
+        let entry = BlockEntry {
+            stored_len: stored.len() as u64,
+            digest: sha256_digest(&stored),
+            ..entry_for(&b)
+        };
+        let err = decode_block(0, &entry, &stored).unwrap_err();
+        assert!(err.to_string().contains("bytes outside the frame"), "{err}");
+        assert_eq!(lz4_frame_len(&b.stored), Ok(b.stored.len()));
+        assert!(lz4_frame_len(&b.stored[..b.stored.len() - 1]).is_err());
     }
 }
