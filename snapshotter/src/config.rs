@@ -96,6 +96,10 @@ pub struct LazyConfig {
     pub prefetch_run_blocks: usize,
     /// Blocks fetched ahead of each on-demand read (0: none).
     pub readahead_blocks: usize,
+    /// Sibling exchange: the two children of a parent each fetch half of the blocks from it
+    /// and the other half from each other, so the parent's uplink carries every block once
+    /// (docs/lazy.md).
+    pub sibling_exchange: bool,
     /// Memory for decompressed blocks (LRU), in bytes: whole-image reads revisit blocks
     /// in directory order, which is not the layer's order.
     pub memory_cache_bytes: u64,
@@ -150,6 +154,7 @@ impl Default for LazyConfig {
             prefetch_concurrency: 1,
             prefetch_run_blocks: 2,
             readahead_blocks: 8,
+            sibling_exchange: true,
             memory_cache_bytes: 256 << 20,
             unmount_on_exit: false,
         }

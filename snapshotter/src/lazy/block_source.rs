@@ -17,8 +17,13 @@ use faasnet_format::BlockEntry;
 use tracing::{debug, warn, Instrument};
 
 use super::{
-    metrics::LazyMetrics, peer_source::PeerSource, registry_source::RegistrySource, LayerRef,
-    LazyError, Result, Source,
+    block_store::{Purpose, FETCH_PURPOSE},
+    metrics::LazyMetrics,
+    peer_protocol::Op,
+    peer_source::PeerSource,
+    registry_source::RegistrySource,
+    sibling::{Siblings, SIBLING_DEADLINE},
+    LayerRef, LazyError, Result, Source,
 };
 
 /// A remote source of stored blocks (LZ4 frames exactly as in the blob).
@@ -178,6 +183,8 @@ pub struct FetchChain {
     peers: Mutex<HashMap<SocketAddr, Arc<PeerSource>>>,
     /// Peers that served corrupt data, until when they are skipped.
     avoided: Mutex<HashMap<SocketAddr, Instant>>,
+    /// Sibling exchange with the other child of our parent, if enabled.
+    siblings: Option<Arc<Siblings>>,
 }
 
 impl FetchChain {
@@ -195,6 +202,93 @@ impl FetchChain {
             metrics,
             peers: Mutex::new(HashMap::new()),
             avoided: Mutex::new(HashMap::new()),
+            siblings: None,
+        }
+    }
+
+    /// Splits blocks with the sibling (see [`super::sibling`]).
+    pub fn with_siblings(mut self, siblings: Arc<Siblings>) -> Self {
+        self.siblings = Some(siblings);
+        self
+    }
+
+    /// Whether this node fetches block `index` from its own upstream (the parent, or the
+    /// registry at the root), rather than from its sibling.
+    pub fn owns(&self, index: usize) -> bool {
+        match (&self.siblings, self.current_peer()) {
+            (Some(s), Some(parent)) => s.owns(parent, index),
+            _ => true,
+        }
+    }
+
+    /// The sibling to ask for block `index`, if the split says so and it is not avoided.
+    fn sibling_for(&self, parent: SocketAddr, index: usize) -> Option<SocketAddr> {
+        // Prefetch goes to the parent, which serves it last anyway.
+        if matches!(FETCH_PURPOSE.try_with(|p| *p), Ok(Purpose::Prefetch)) {
+            return None;
+        }
+        let split = self.siblings.as_ref()?.split(parent)?;
+        if split.owns(index) {
+            return None;
+        }
+        match self.avoided.lock().unwrap().get(&split.sibling) {
+            Some(until) if Instant::now() < *until => None,
+            _ => Some(split.sibling),
+        }
+    }
+
+    /// Block `index` from the sibling, bounded by [`SIBLING_DEADLINE`] whatever its
+    /// keep-alives; `None` (after logging) when it does not deliver a verified block.
+    async fn fetch_from_sibling(
+        &self,
+        sibling: SocketAddr,
+        parent: SocketAddr,
+        layer: &LayerRef,
+        index: usize,
+        entry: &BlockEntry,
+    ) -> Option<Bytes> {
+        let start = Instant::now();
+        let source = self.peer_source(sibling);
+        let fetch = source.fetch_op(layer, index, entry, Op::FromSibling);
+        let result = match tokio::time::timeout(SIBLING_DEADLINE, fetch).await {
+            Ok(r) => r,
+            Err(_) => Err(LazyError::Timeout {
+                what: format!("{layer} block {index} from sibling {sibling}"),
+                timeout_ms: SIBLING_DEADLINE.as_millis() as u64,
+            }),
+        };
+        let result =
+            result.and_then(|b| verify_block(layer, index, entry, &b, Source::Peer).map(|()| b));
+        match result {
+            Ok(b) => {
+                self.metrics.sibling_blocks.inc();
+                self.metrics
+                    .fetch_latency(Source::Peer, start.elapsed().as_secs_f64());
+                Some(b)
+            }
+            Err(e) => {
+                debug!(%sibling, error = %e, "sibling fetch failed; asking the parent");
+                let avoid_for = match &e {
+                    LazyError::DigestMismatch { .. } => {
+                        self.metrics.digest_failures.inc();
+                        Some(self.options.avoid_corrupt_peer_for)
+                    }
+                    e if is_unreachable(e) => Some(self.options.avoid_unreachable_peer_for),
+                    // A refusal ("not in this node's half"): views differ for a moment.
+                    _ => None,
+                };
+                if let Some(d) = avoid_for {
+                    self.avoided
+                        .lock()
+                        .unwrap()
+                        .insert(sibling, Instant::now() + d);
+                    self.peers.lock().unwrap().remove(&sibling);
+                    if let Some(s) = &self.siblings {
+                        s.forget(parent);
+                    }
+                }
+                None
+            }
         }
     }
 
@@ -245,6 +339,16 @@ impl FetchChain {
         let span = tracing::debug_span!("fetch_block", layer = %layer.digest, index);
         async move {
             let wanted_peer = matches!(self.upstream.current(), Upstream::Peer { .. });
+            if let Some(parent) = self.current_peer() {
+                if let Some(sibling) = self.sibling_for(parent, index) {
+                    if let Some(b) = self
+                        .fetch_from_sibling(sibling, parent, layer, index, entry)
+                        .await
+                    {
+                        return Ok((b, Source::Peer));
+                    }
+                }
+            }
             if let Some(addr) = self.current_peer() {
                 match self.fetch_from_peer(addr, layer, index, entry).await {
                     Ok(b) => return Ok((b, Source::Peer)),

@@ -23,6 +23,7 @@ use super::{
     peer_server::PeerServer,
     prefetch::{self, PrefetchOptions, PrefetchReport},
     registry_source::{RegistryOptions, RegistrySource},
+    sibling::Siblings,
     LayerRef, LazyError, Result,
 };
 
@@ -53,6 +54,11 @@ pub struct LayerOptions {
     pub fuse_threads: usize,
     /// Blocks fetched ahead of each on-demand read (0: none).
     pub readahead_blocks: usize,
+    /// Whether children of one parent split blocks between them (needs a peer server).
+    pub sibling_exchange: bool,
+    /// This node's peer address as others reach it; default: `peer_listen` when it is not
+    /// a wildcard (without either, no sibling exchange).
+    pub peer_advertise: Option<String>,
     /// Unix socket of the FUSE fd holder that keeps mounts' connections across restarts
     /// (started if absent); `None`: mounts die with the process.
     pub handover_socket: Option<PathBuf>,
@@ -74,6 +80,8 @@ impl Default for LayerOptions {
             prefetch_run_blocks: 2,
             fuse_threads: 4,
             readahead_blocks: 8,
+            sibling_exchange: true,
+            peer_advertise: None,
             handover_socket: None,
         }
     }
@@ -93,6 +101,8 @@ impl LayerOptions {
             prefetch_concurrency: lazy.prefetch_concurrency,
             prefetch_run_blocks: lazy.prefetch_run_blocks,
             readahead_blocks: lazy.readahead_blocks,
+            sibling_exchange: lazy.sibling_exchange,
+            peer_advertise: lazy.peer_advertise.clone(),
             mem_cache_bytes: lazy.memory_cache_bytes as usize,
             handover_socket: Some(config.root.join(HANDOVER_SOCKET)),
             ..LayerOptions::default()
@@ -136,6 +146,8 @@ pub struct LayerManager {
     cache: Arc<BlockCache>,
     registry: Arc<RegistrySource>,
     peer_server: Option<PeerServer>,
+    /// Sides in the sibling exchange, shared by every layer's fetch chain.
+    siblings: Option<Arc<Siblings>>,
     mem: Arc<MemCache>,
     gate: Arc<FetchGate>,
     metrics: Arc<LazyMetrics>,
@@ -179,7 +191,20 @@ impl LayerManager {
                 }
             }
         });
+        let siblings = if options.sibling_exchange {
+            let me = options.peer_advertise.clone().or_else(|| {
+                peer_server
+                    .as_ref()
+                    .map(|s| s.local_addr())
+                    .filter(|a| !a.ip().is_unspecified())
+                    .map(|a| a.to_string())
+            });
+            me.map(|me| Siblings::new(me, options.stall_timeout))
+        } else {
+            None
+        };
         Ok(Arc::new(LayerManager {
+            siblings,
             mem: MemCache::new(options.mem_cache_bytes),
             handover,
             resumed: Default::default(),
@@ -278,7 +303,7 @@ impl LayerManager {
         let disk = tokio::task::spawn_blocking(move || cache.open_layer(&digest, &blocks.blocks))
             .await
             .map_err(|e| LazyError::io("open layer cache", std::io::Error::other(e)))??;
-        let chain = Arc::new(FetchChain::new(
+        let mut chain = FetchChain::new(
             self.registry.clone(),
             upstream,
             ChainOptions {
@@ -287,7 +312,11 @@ impl LayerManager {
                 ..ChainOptions::default()
             },
             self.metrics.clone(),
-        ));
+        );
+        if let Some(s) = &self.siblings {
+            chain = chain.with_siblings(s.clone());
+        }
+        let chain = Arc::new(chain);
         let store = BlockStore::new(
             layer.clone(),
             toc,

@@ -47,6 +47,8 @@ pub struct LazyMetrics {
     pub prefetched_blocks: Counter,
     /// Layers evicted from the disk cache to stay within the quota.
     pub evicted_layers: Counter,
+    /// Blocks obtained from the sibling (counted under `peer` in `blocks` too).
+    pub sibling_blocks: Counter,
 }
 
 impl Default for LazyMetrics {
@@ -62,6 +64,7 @@ impl Default for LazyMetrics {
             serve_errors: Counter::default(),
             prefetched_blocks: Counter::default(),
             evicted_layers: Counter::default(),
+            sibling_blocks: Counter::default(),
         }
     }
 }
@@ -114,6 +117,11 @@ impl LazyMetrics {
             "evicted_layers",
             "Layers evicted from the disk cache to stay within the quota",
             self.evicted_layers.clone(),
+        );
+        registry.register(
+            "sibling_blocks",
+            "Blocks obtained from the sibling (also counted as peer blocks)",
+            self.sibling_blocks.clone(),
         );
     }
 

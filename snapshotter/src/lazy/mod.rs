@@ -44,6 +44,7 @@ pub mod peer_source;
 pub mod prefetch;
 pub mod registry_source;
 pub mod remote;
+pub mod sibling;
 
 pub use block_source::{FetchChain, StaticUpstream, Upstream, UpstreamProvider};
 pub use layer_manager::{LayerManager, LayerOptions};

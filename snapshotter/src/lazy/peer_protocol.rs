@@ -8,9 +8,16 @@
 //! response: "FNBR" | version u8 (1) | status u8 | length u32 | payload (length bytes)
 //! ```
 //!
-//! The op says how urgent the block is: 1 = get block (someone waits: a container read or a
-//! read-ahead), 2 = get block for prefetch. A peer sends prefetch blocks only while it sends
-//! no urgent one, so on its uplink a child's start never queues behind a sibling's prefetch.
+//! The op says what is asked and how urgent it is:
+//! - 1 = get block (someone waits: a container read or a read-ahead);
+//! - 2 = get block for prefetch: a peer sends prefetch blocks only while it sends no urgent
+//!   one, so on its uplink a child's start never queues behind a sibling's prefetch;
+//! - 3 = get block, asked by a sibling (urgent): answered only for the half of the blocks the
+//!   asked node fetches from the common parent itself, so requests never go round in circles;
+//! - 4 = hello from a child: the "digest" field carries the child's peer address, the answer
+//!   (status ok) is `side=<0|1> sibling=<addr>` or `side=-`: which half of the blocks the
+//!   child fetches from this parent, and from which sibling it gets the other half
+//!   (docs/lazy.md, "Sibling exchange").
 //!
 //! A response with status [`Status::KeepAlive`] (length 0) says "still fetching that block
 //! from my own upstream": the peer sends one every [`KEEPALIVE_INTERVAL_MS`] so that the
@@ -32,6 +39,10 @@ pub const VERSION: u8 = 1;
 pub const OP_GET_BLOCK: u8 = 1;
 /// Operation: get one block for prefetch (served after every [`OP_GET_BLOCK`]).
 pub const OP_PREFETCH_BLOCK: u8 = 2;
+/// Operation: get one block, asked by a sibling.
+pub const OP_SIBLING_BLOCK: u8 = 3;
+/// Operation: a child says hello to its parent.
+pub const OP_HELLO: u8 = 4;
 /// Largest digest string accepted in a request.
 pub const MAX_DIGEST_LEN: usize = 128;
 /// Largest payload accepted: the largest stored block (4 MiB of raw data plus LZ4's worst
@@ -53,25 +64,50 @@ fn err<T>(msg: impl Into<String>) -> Result<T, ProtocolError> {
     Err(ProtocolError(msg.into()))
 }
 
-/// How urgent a requested block is.
+/// What a request asks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Priority {
-    /// Someone waits for it (a container read, a read-ahead, a child's urgent request).
+pub enum Op {
+    /// A block someone waits for (a container read, a read-ahead, a child's urgent request).
     #[default]
     Urgent,
-    /// Background prefetch: sent only when no urgent block is being sent.
+    /// A block for background prefetch: sent only when no urgent block is being sent.
     Prefetch,
+    /// A block a sibling waits for; served only from the asked node's own half.
+    FromSibling,
+    /// A child's hello; `digest` holds its peer address.
+    Hello,
+}
+
+impl Op {
+    fn wire(self) -> u8 {
+        match self {
+            Op::Urgent => OP_GET_BLOCK,
+            Op::Prefetch => OP_PREFETCH_BLOCK,
+            Op::FromSibling => OP_SIBLING_BLOCK,
+            Op::Hello => OP_HELLO,
+        }
+    }
+
+    fn from_wire(b: u8) -> Option<Op> {
+        Some(match b {
+            OP_GET_BLOCK => Op::Urgent,
+            OP_PREFETCH_BLOCK => Op::Prefetch,
+            OP_SIBLING_BLOCK => Op::FromSibling,
+            OP_HELLO => Op::Hello,
+            _ => return None,
+        })
+    }
 }
 
 /// A request for block `index` of the layer whose blob digest is `digest`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlockRequest {
-    /// `sha256:<hex>` of the layer blob.
+    /// `sha256:<hex>` of the layer blob (for [`Op::Hello`]: the sender's peer address).
     pub digest: String,
-    /// Block index in the layer's block table.
+    /// Block index in the layer's block table (0 for [`Op::Hello`]).
     pub index: u32,
-    /// How urgent it is.
-    pub priority: Priority,
+    /// What is asked.
+    pub op: Op,
 }
 
 /// Status of a response.
@@ -122,10 +158,7 @@ pub fn encode_request(req: &BlockRequest) -> Vec<u8> {
     let mut v = Vec::with_capacity(REQUEST_HEADER_LEN + digest.len() + 4);
     v.extend_from_slice(REQUEST_MAGIC);
     v.push(VERSION);
-    v.push(match req.priority {
-        Priority::Urgent => OP_GET_BLOCK,
-        Priority::Prefetch => OP_PREFETCH_BLOCK,
-    });
+    v.push(req.op.wire());
     v.extend_from_slice(&(digest.len() as u16).to_le_bytes());
     v.extend_from_slice(digest);
     v.extend_from_slice(&req.index.to_le_bytes());
@@ -143,7 +176,7 @@ pub fn decode_request_header(buf: &[u8]) -> Result<usize, ProtocolError> {
     if buf[4] != VERSION {
         return err(format!("unsupported protocol version {}", buf[4]));
     }
-    if buf[5] != OP_GET_BLOCK && buf[5] != OP_PREFETCH_BLOCK {
+    if Op::from_wire(buf[5]).is_none() {
         return err(format!("unknown operation {}", buf[5]));
     }
     let len = u16::from_le_bytes([buf[6], buf[7]]) as usize;
@@ -176,20 +209,54 @@ pub fn decode_request(buf: &[u8]) -> Result<Option<(BlockRequest, usize)>, Proto
         Err(_) => return err("digest is not UTF-8"),
     };
     let index = u32::from_le_bytes([index[0], index[1], index[2], index[3]]);
-    // The header decoder admitted only the two known ops.
-    let priority = if buf[5] == OP_PREFETCH_BLOCK {
-        Priority::Prefetch
-    } else {
-        Priority::Urgent
-    };
-    Ok(Some((
-        BlockRequest {
-            digest,
-            index,
-            priority,
-        },
-        total,
-    )))
+    // The header decoder admitted only known ops.
+    let op = Op::from_wire(buf[5]).unwrap_or_default();
+    Ok(Some((BlockRequest { digest, index, op }, total)))
+}
+
+/// What a parent answers to a child's hello: which half of the blocks the child fetches
+/// from it (blocks whose index is even for side 0, odd for side 1) and the sibling that
+/// fetches the other half. `None`: fetch everything from the parent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HelloAnswer {
+    /// The child's side and its sibling's peer address.
+    pub split: Option<(u8, String)>,
+}
+
+impl HelloAnswer {
+    /// The answer's payload.
+    pub fn encode(&self) -> Vec<u8> {
+        match &self.split {
+            Some((side, sibling)) => format!("side={side} sibling={sibling}").into_bytes(),
+            None => b"side=-".to_vec(),
+        }
+    }
+
+    /// Parses a payload.
+    pub fn decode(payload: &[u8]) -> Result<HelloAnswer, ProtocolError> {
+        let text = std::str::from_utf8(payload)
+            .map_err(|_| ProtocolError("hello answer is not UTF-8".into()))?;
+        if text == "side=-" {
+            return Ok(HelloAnswer { split: None });
+        }
+        let mut side = None;
+        let mut sibling = None;
+        for part in text.split(' ') {
+            match part.split_once('=') {
+                Some(("side", v)) => side = v.parse::<u8>().ok().filter(|s| *s < 2),
+                Some(("sibling", v)) if !v.is_empty() && v.len() <= MAX_DIGEST_LEN => {
+                    sibling = Some(v.to_string())
+                }
+                _ => {}
+            }
+        }
+        match (side, sibling) {
+            (Some(s), Some(a)) => Ok(HelloAnswer {
+                split: Some((s, a)),
+            }),
+            _ => err(format!("malformed hello answer {text:?}")),
+        }
+    }
 }
 
 /// Serializes a response header.
@@ -267,7 +334,7 @@ mod tests {
         let req = BlockRequest {
             digest: format!("sha256:{}", "ab".repeat(32)),
             index: 77,
-            priority: Priority::Prefetch,
+            op: Op::Prefetch,
         };
         let bytes = encode_request(&req);
         for cut in 0..bytes.len() {
@@ -296,6 +363,39 @@ mod tests {
         assert!(decode_response(b"XX").is_err());
     }
 
+    #[test]
+    fn ops_and_hello_answers_roundtrip() {
+        for op in [Op::Urgent, Op::Prefetch, Op::FromSibling, Op::Hello] {
+            let req = BlockRequest {
+                digest: "10.0.0.1:9112".into(),
+                index: 3,
+                op,
+            };
+            let bytes = encode_request(&req);
+            assert_eq!(decode_request(&bytes).unwrap(), Some((req, bytes.len())));
+        }
+        let mut bad = encode_request(&BlockRequest {
+            digest: "x".into(),
+            index: 0,
+            op: Op::Hello,
+        });
+        bad[5] = 9;
+        assert!(decode_request(&bad)
+            .unwrap_err()
+            .0
+            .contains("unknown operation"));
+        for answer in [
+            HelloAnswer { split: None },
+            HelloAnswer {
+                split: Some((1, "10.0.0.2:9112".into())),
+            },
+        ] {
+            assert_eq!(HelloAnswer::decode(&answer.encode()).unwrap(), answer);
+        }
+        assert!(HelloAnswer::decode(b"side=7 sibling=a").is_err());
+        assert!(HelloAnswer::decode(b"\xff").is_err());
+    }
+
     proptest! {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
@@ -313,7 +413,7 @@ mod tests {
             let mut req = encode_request(&BlockRequest {
                 digest: "sha256:00".into(),
                 index,
-                priority: Priority::Urgent,
+                op: Op::Urgent,
             });
             let mut resp = encode_response(Status::Unavailable, b"no upstream");
             for (pos, val) in flips {

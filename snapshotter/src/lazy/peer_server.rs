@@ -36,7 +36,8 @@ use tracing::{debug, info, warn, Instrument};
 use super::{
     block_store::{BlockStore, Purpose},
     metrics::LazyMetrics,
-    peer_protocol::{self, Priority, Status, KEEPALIVE_INTERVAL_MS, REQUEST_HEADER_LEN},
+    peer_protocol::{self, Op, Status, KEEPALIVE_INTERVAL_MS, REQUEST_HEADER_LEN},
+    sibling::Children,
     LazyError, Result,
 };
 
@@ -53,6 +54,8 @@ struct Shared {
     /// Woken when a layer is registered.
     registered: Notify,
     uplink: Uplink,
+    /// This node's children, from their hellos (sibling exchange).
+    children: Children,
     metrics: Arc<LazyMetrics>,
 }
 
@@ -133,6 +136,7 @@ impl PeerServer {
             given_up: RwLock::new(HashSet::new()),
             registered: Notify::new(),
             uplink: Uplink::default(),
+            children: Children::default(),
             metrics,
         });
         let task = tokio::spawn(accept_loop(listener, shared.clone()));
@@ -229,6 +233,12 @@ async fn serve_requests(stream: &mut TcpStream, shared: &Shared) -> Result<()> {
                 return Err(LazyError::Protocol("malformed request".into()));
             }
         };
+        if req.op == Op::Hello {
+            let answer = shared.children.hello(&req.digest).encode();
+            let msg = peer_protocol::encode_response(Status::Ok, &answer);
+            stream.write_all(&msg).await.map_err(io)?;
+            continue;
+        }
         let store = match shared.layer(&req.digest) {
             Some(store) => Some(store),
             None => wait_for_layer(stream, shared, &req.digest).await?,
@@ -252,11 +262,18 @@ async fn serve_requests(stream: &mut TcpStream, shared: &Shared) -> Result<()> {
             stream.write_all(&msg).await.map_err(io)?;
             continue;
         }
+        // A sibling gets only blocks this node fetches from the parent itself (or holds):
+        // anything else would be asked of the sibling again.
+        if req.op == Op::FromSibling && !store.has_block(index) && !store.chain().owns(index) {
+            let msg = encode_err(Status::Unavailable, "not in this node's half");
+            stream.write_all(&msg).await.map_err(io)?;
+            continue;
+        }
         // An urgent request competes with local reads, not with prefetch; a prefetch request
         // is fetched (if need be) as prefetch here too.
-        let purpose = match req.priority {
-            Priority::Urgent => Purpose::OnDemand,
-            Priority::Prefetch => Purpose::Prefetch,
+        let purpose = match req.op {
+            Op::Prefetch => Purpose::Prefetch,
+            _ => Purpose::OnDemand,
         };
         let fetch = store.stored_block(index, purpose);
         tokio::pin!(fetch);
@@ -273,9 +290,8 @@ async fn serve_requests(stream: &mut TcpStream, shared: &Shared) -> Result<()> {
         };
         match result {
             Ok(bytes) => {
-                let _urgent = match req.priority {
-                    Priority::Urgent => Some(shared.uplink.urgent()),
-                    Priority::Prefetch => {
+                let _urgent = match req.op {
+                    Op::Prefetch => {
                         // Keep-alives meanwhile: a long start on a sibling is not a stall.
                         let wait = shared.uplink.wait_no_urgent();
                         tokio::pin!(wait);
@@ -290,6 +306,7 @@ async fn serve_requests(stream: &mut TcpStream, shared: &Shared) -> Result<()> {
                         }
                         None
                     }
+                    _ => Some(shared.uplink.urgent()),
                 };
                 let h = peer_protocol::encode_response_header(Status::Ok, bytes.len() as u32);
                 stream.write_all(&h).await.map_err(io)?;

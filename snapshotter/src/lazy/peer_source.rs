@@ -17,7 +17,7 @@ use tokio::{
 use super::{
     block_source::BlockSource,
     block_store::{Purpose, FETCH_PURPOSE},
-    peer_protocol::{self, BlockRequest, Priority, Status, RESPONSE_HEADER_LEN},
+    peer_protocol::{self, BlockRequest, Op, Status, RESPONSE_HEADER_LEN},
     LayerRef, LazyError, Result,
 };
 
@@ -92,16 +92,12 @@ impl PeerSource {
         layer: &LayerRef,
         index: usize,
         entry: &BlockEntry,
+        op: Op,
     ) -> Result<Result<Bytes>> {
-        // Prefetch asks the peer to serve it last (its uplink is shared by its children).
-        let priority = match FETCH_PURPOSE.try_with(|p| *p) {
-            Ok(Purpose::Prefetch) => Priority::Prefetch,
-            _ => Priority::Urgent,
-        };
         let req = peer_protocol::encode_request(&BlockRequest {
             digest: layer.digest.clone(),
             index: index as u32,
-            priority,
+            op,
         });
         tokio::time::timeout(self.stall, conn.write_all(&req))
             .await
@@ -140,20 +136,26 @@ impl PeerSource {
     }
 }
 
-#[async_trait]
-impl BlockSource for PeerSource {
-    async fn fetch(&self, layer: &LayerRef, index: usize, entry: &BlockEntry) -> Result<Bytes> {
+impl PeerSource {
+    /// Fetches block `index` with request op `op` (see [`Op`]).
+    pub async fn fetch_op(
+        &self,
+        layer: &LayerRef,
+        index: usize,
+        entry: &BlockEntry,
+        op: Op,
+    ) -> Result<Bytes> {
         let pooled = self.idle.lock().unwrap().pop();
         let (mut conn, reused) = match pooled {
             Some(c) => (c, true),
             None => (self.connect().await?, false),
         };
-        let result = match self.exchange(&mut conn, layer, index, entry).await {
+        let result = match self.exchange(&mut conn, layer, index, entry, op).await {
             // A pooled connection may have been closed by the peer meanwhile: retry once on a
             // fresh one. An answer (even an error status) is final.
             Err(_) if reused => {
                 conn = self.connect().await?;
-                self.exchange(&mut conn, layer, index, entry).await?
+                self.exchange(&mut conn, layer, index, entry, op).await?
             }
             other => other?,
         };
@@ -165,5 +167,17 @@ impl BlockSource for PeerSource {
             }
         }
         result
+    }
+}
+
+#[async_trait]
+impl BlockSource for PeerSource {
+    async fn fetch(&self, layer: &LayerRef, index: usize, entry: &BlockEntry) -> Result<Bytes> {
+        // Prefetch asks the peer to serve it last (its uplink is shared by its children).
+        let op = match FETCH_PURPOSE.try_with(|p| *p) {
+            Ok(Purpose::Prefetch) => Op::Prefetch,
+            _ => Op::Urgent,
+        };
+        self.fetch_op(layer, index, entry, op).await
     }
 }
