@@ -7,6 +7,7 @@
 
 pub mod binaries;
 pub mod containerd;
+pub mod faults;
 pub mod images;
 pub mod netns;
 pub mod process;

@@ -44,20 +44,21 @@ impl Coordinator {
                 dir.path().join("data").display()
             ),
         )?;
-        let mut cmd = Command::new(workspace_binary("coordinator"));
-        cmd.arg("serve")
-            .arg("--config")
-            .arg(&config)
-            .env("RUST_LOG", "info");
-        let mut daemon = Daemon::spawn("coordinator", cmd, &dir.path().join("coordinator.log"))?;
-        crate::wait_until("coordinator to listen", Duration::from_secs(30), || {
-            if daemon.check_alive().is_err() {
-                return Some(());
-            }
-            std::net::TcpStream::connect(&addr).ok().map(|_| ())
-        })?;
-        daemon.check_alive()?;
+        let daemon = spawn_coordinator(dir.path(), &addr)?;
         Ok(Coordinator { addr, daemon, dir })
+    }
+
+    /// `kill -9` of the process (its sled state stays).
+    pub fn kill9(&mut self) {
+        self.daemon.kill_with(libc::SIGKILL);
+    }
+
+    /// Starts the process again on the same address, config and state; waits until it
+    /// listens.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.daemon.stop();
+        self.daemon = spawn_coordinator(self.dir.path(), &self.addr)?;
+        Ok(())
     }
 
     /// `http://host:port`.
@@ -99,6 +100,24 @@ impl Coordinator {
     }
 }
 
+/// Starts `coordinator serve` with DIR/coordinator.toml and waits until `addr` accepts.
+fn spawn_coordinator(dir: &Path, addr: &str) -> anyhow::Result<Daemon> {
+    let mut cmd = Command::new(workspace_binary("coordinator"));
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(dir.join("coordinator.toml"))
+        .env("RUST_LOG", "info");
+    let mut daemon = Daemon::spawn("coordinator", cmd, &dir.join("coordinator.log"))?;
+    crate::wait_until("coordinator to listen", Duration::from_secs(30), || {
+        if daemon.check_alive().is_err() {
+            return Some(());
+        }
+        std::net::TcpStream::connect(addr).ok().map(|_| ())
+    })?;
+    daemon.check_alive()?;
+    Ok(daemon)
+}
+
 /// How to start a snapshotter.
 #[derive(Debug, Clone, Default)]
 pub struct SnapshotterOptions {
@@ -115,6 +134,8 @@ pub struct SnapshotterOptions {
     pub coordinator: Option<String>,
     /// `coordinator.node_id` (required with a coordinator: every VM has the same hostname).
     pub node_id: Option<String>,
+    /// More `[lazy]` settings, TOML lines (e.g. `cache_quota_bytes = 1000000\n`).
+    pub lazy_extra: String,
 }
 
 impl SnapshotterOptions {
@@ -135,6 +156,7 @@ impl SnapshotterOptions {
             insecure_registries: vec![registry.to_string()],
             coordinator: coordinator.map(Coordinator::endpoint),
             node_id: Some(format!("vm{i}")),
+            lazy_extra: String::new(),
         }
     }
 }
@@ -171,6 +193,7 @@ impl Snapshotter {
             socket.display(),
             opts.insecure_registries,
         );
+        config += &opts.lazy_extra;
         if let Some(endpoint) = &opts.coordinator {
             let node_id = opts
                 .node_id
@@ -225,6 +248,11 @@ impl Snapshotter {
     /// or drop).
     pub fn kill9(&mut self) {
         self.daemon.kill_with(libc::SIGKILL);
+    }
+
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.daemon.pid()
     }
 
     /// Lazily unmounts everything under its state directory (FUSE layers).

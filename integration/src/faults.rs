@@ -1,0 +1,251 @@
+//! Support for the fault tests (`tests/faults_*.rs`): the coordinator's view of a tree,
+//! network partitions between groups of VMs, and small measurements.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+
+use crate::netns::{run, Network};
+use crate::stack::{Coordinator, Metrics};
+
+/// One node of a function tree as the coordinator's admin service shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TreeNode {
+    /// Node id (`vm<i>`).
+    pub id: String,
+    /// Its peer address.
+    pub addr: String,
+    /// Position in the layout (parent of i is (i-1)/2).
+    pub position: u64,
+    /// Parent id; `None` for the root.
+    pub parent: Option<String>,
+}
+
+/// Admin access to a running coordinator (list and read trees).
+pub struct Admin {
+    rt: tokio::runtime::Runtime,
+    endpoint: String,
+}
+
+impl Admin {
+    /// For `coordinator` (admin token `admin`, as [`Coordinator::start`] configures).
+    pub fn new(coordinator: &Coordinator) -> anyhow::Result<Admin> {
+        Ok(Admin {
+            rt: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?,
+            endpoint: coordinator.endpoint(),
+        })
+    }
+
+    /// `function`'s tree in position order; empty if the coordinator has no such tree.
+    /// Fails if the coordinator does not answer.
+    pub fn tree(&self, function: &str) -> anyhow::Result<Vec<TreeNode>> {
+        self.rt.block_on(async {
+            let admin = faasnet_coordinator::client::AdminClient::connect(&self.endpoint, "admin")
+                .await
+                .context("connect to the coordinator's admin service")?;
+            match admin.get_tree(crate::stack::TENANT, function).await {
+                Ok(view) => Ok(view
+                    .nodes
+                    .into_iter()
+                    .map(|n| TreeNode {
+                        id: n.node_id,
+                        addr: n.peer_addr,
+                        position: n.position,
+                        parent: Some(n.parent_id).filter(|p| !p.is_empty()),
+                    })
+                    .collect()),
+                Err(e) if e.code() == Some(tonic::Code::NotFound) => Ok(Vec::new()),
+                Err(e) => Err(anyhow::anyhow!("get tree: {e}")),
+            }
+        })
+    }
+
+    /// `node → parent` of `function`'s tree.
+    pub fn parents(&self, function: &str) -> anyhow::Result<BTreeMap<String, Option<String>>> {
+        Ok(self
+            .tree(function)?
+            .into_iter()
+            .map(|n| (n.id, n.parent))
+            .collect())
+    }
+}
+
+/// Checks the shape of a tree: one root, positions 0..n, parent of position i at (i-1)/2.
+pub fn check_tree_shape(tree: &[TreeNode]) -> anyhow::Result<()> {
+    for (i, n) in tree.iter().enumerate() {
+        anyhow::ensure!(n.position == i as u64, "positions not dense: {tree:?}");
+        let expected = (i > 0).then(|| tree[(i - 1) / 2].id.clone());
+        anyhow::ensure!(
+            n.parent == expected,
+            "{} has parent {:?}: {tree:?}",
+            n.id,
+            n.parent
+        );
+    }
+    Ok(())
+}
+
+/// A partition between two groups of VMs of one network: every packet between a VM of
+/// `inside` and a VM of `outside` is dropped (iptables in each `inside` VM's namespace,
+/// both directions), while both groups still reach the host (registry, coordinator).
+/// Dropping it heals the partition.
+pub struct Partition<'a> {
+    net: &'a Network,
+    inside: Vec<usize>,
+    outside_ips: Vec<String>,
+}
+
+impl<'a> Partition<'a> {
+    /// Cuts `inside` off from `outside`.
+    pub fn cut(net: &'a Network, inside: &[usize], outside: &[usize]) -> anyhow::Result<Self> {
+        let p = Partition {
+            net,
+            inside: inside.to_vec(),
+            outside_ips: outside.iter().map(|&i| net.vm_ip(i)).collect(),
+        };
+        for &i in &p.inside {
+            for ip in &p.outside_ips {
+                p.rule(i, "-I", "INPUT", "-s", ip)?;
+                p.rule(i, "-I", "OUTPUT", "-d", ip)?;
+            }
+        }
+        Ok(p)
+    }
+
+    fn rule(&self, vm: usize, op: &str, chain: &str, dir: &str, ip: &str) -> anyhow::Result<()> {
+        let ns = self.net.vm_ns(vm);
+        run(
+            "ip",
+            &[
+                "netns", "exec", &ns, "iptables", "-w", op, chain, dir, ip, "-j", "DROP",
+            ],
+        )
+        .with_context(|| format!("iptables in {ns} (is iptables installed?)"))?;
+        Ok(())
+    }
+}
+
+impl Drop for Partition<'_> {
+    fn drop(&mut self) {
+        for &i in &self.inside {
+            for ip in &self.outside_ips {
+                let _ = self.rule(i, "-D", "INPUT", "-s", ip);
+                let _ = self.rule(i, "-D", "OUTPUT", "-d", ip);
+            }
+        }
+    }
+}
+
+/// Polls `check` every 20 ms until it holds; answers how long that took, or fails after
+/// `timeout`.
+pub fn time_until(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    loop {
+        if check().unwrap_or(false) {
+            return Ok(start.elapsed());
+        }
+        anyhow::ensure!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Blocks a VM took from each source, `cache/peer/registry`, for tables.
+pub fn sources(m: &Metrics) -> String {
+    format!(
+        "cache {} peer {} registry {}",
+        m.lazy_blocks("cache"),
+        m.lazy_blocks("peer"),
+        m.lazy_blocks("registry")
+    )
+}
+
+/// Kills (SIGKILL) this process's direct children whose command name is one of `names`
+/// (e.g. a `ctr` stuck on a dead VM); answers what it killed, for the failure message.
+pub fn kill_children_named(names: &[&str]) -> Vec<String> {
+    let me = std::process::id();
+    let mut killed = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return killed;
+    };
+    for e in dir.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = &stat[open + 1..close];
+        let ppid: u32 = stat[close + 1..]
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        if ppid == me && names.contains(&comm) {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+                .unwrap_or_default();
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            killed.push(format!("{pid} {cmdline}"));
+        }
+    }
+    killed
+}
+
+/// Waits until every handle finished, for at most `timeout`; then kills stuck `ctr`
+/// children so the threads return. Answers what was killed (empty when none was stuck).
+pub fn finish_or_unstick<T>(
+    handles: &[std::thread::ScopedJoinHandle<'_, T>],
+    timeout: Duration,
+) -> Vec<String> {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if handles.iter().all(|h| h.is_finished()) {
+            return Vec::new();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    kill_children_named(&["ctr", "ctr-remote", "nsenter"])
+}
+
+/// Kills (SIGKILL) the FUSE descriptor holder a snapshotter with state directory `dir`
+/// started (`snapshotter __fuse-fd-holder DIR/...`), so that its FUSE mounts die with it:
+/// with [`crate::stack::Snapshotter::kill9`] alone they wait for a restart. Answers the pids.
+pub fn kill_fuse_holders(dir: &std::path::Path) -> Vec<i32> {
+    let needle = format!("__fuse-fd-holder {}", dir.display());
+    let mut killed = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return killed;
+    };
+    for e in entries.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        if String::from_utf8_lossy(&cmdline)
+            .replace('\0', " ")
+            .contains(&needle)
+        {
+            // SAFETY: kill(2) on the holder our own snapshotter started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            killed.push(pid);
+        }
+    }
+    killed
+}
