@@ -249,3 +249,90 @@ pub fn kill_fuse_holders(dir: &std::path::Path) -> Vec<i32> {
     }
     killed
 }
+
+/// The registry is down for a set of VMs: every TCP connection from them to `registry`
+/// (`host:port`) is refused (iptables REJECT with a TCP reset in each VM's namespace), as
+/// if the registry process had died. Dropping it ends the outage. (The process itself keeps
+/// running so that its access log can prove nothing reached it.)
+pub struct RegistryOutage<'a> {
+    net: &'a Network,
+    vms: Vec<usize>,
+    host: String,
+    port: String,
+}
+
+impl<'a> RegistryOutage<'a> {
+    /// Starts the outage for `vms`.
+    pub fn start(net: &'a Network, vms: &[usize], registry: &str) -> anyhow::Result<Self> {
+        let (host, port) = registry
+            .rsplit_once(':')
+            .context("registry address is host:port")?;
+        let o = RegistryOutage {
+            net,
+            vms: vms.to_vec(),
+            host: host.to_string(),
+            port: port.to_string(),
+        };
+        for &i in &o.vms {
+            o.rule(i, "-I")?;
+        }
+        Ok(o)
+    }
+
+    fn rule(&self, vm: usize, op: &str) -> anyhow::Result<()> {
+        let ns = self.net.vm_ns(vm);
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &ns,
+                "iptables",
+                "-w",
+                op,
+                "OUTPUT",
+                "-p",
+                "tcp",
+                "-d",
+                &self.host,
+                "--dport",
+                &self.port,
+                "-j",
+                "REJECT",
+                "--reject-with",
+                "tcp-reset",
+            ],
+        )
+        .with_context(|| format!("iptables in {ns}"))?;
+        Ok(())
+    }
+}
+
+impl Drop for RegistryOutage<'_> {
+    fn drop(&mut self) {
+        for &i in &self.vms {
+            let _ = self.rule(i, "-D");
+        }
+    }
+}
+
+/// Bytes of blob GETs the registry's access log shows for client `ip` (combined log
+/// format: the client address comes first).
+pub fn blob_bytes_served_to(registry: &crate::registry::Registry, ip: &str) -> u64 {
+    let log = std::fs::read_to_string(registry.log_path()).unwrap_or_default();
+    log.lines()
+        .filter(|l| l.split_whitespace().next() == Some(ip))
+        .filter_map(|l| {
+            let start = l.find('"')?;
+            let rest = &l[start + 1..];
+            let end = rest.find('"')?;
+            let mut req = rest[..end].split_whitespace();
+            (req.next()? == "GET" && req.next()?.contains("/blobs/")).then_some(())?;
+            rest[end + 1..]
+                .split_whitespace()
+                .nth(1)?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
