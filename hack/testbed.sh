@@ -4,8 +4,8 @@
 #
 # Usage:
 #   hack/testbed.sh up N [--rate 100mbit] [--registry-rate 400mbit] [--mode faasnet|ondemand]
-#                        [--profile release|debug] [--no-prefetch]
-#   hack/testbed.sh reset [--mode faasnet|ondemand] [--no-prefetch]
+#                        [--profile release|debug] [--no-prefetch] [--no-sibling]
+#   hack/testbed.sh reset [--mode faasnet|ondemand] [--no-prefetch] [--no-sibling]
 #                                        # every VM and the coordinator restarted with empty state
 #                                        # (caches, images, trees); the registry keeps its images
 #   hack/testbed.sh status               # what runs, the trees, each VM's block sources
@@ -85,19 +85,20 @@ add_link() {  # add_link NS IP IFNAME-ON-HOST RATE
   fi
 }
 
-write_snapshotter_config() {  # VM MODE PREFETCH(true|false)
-  local i="$1" mode="$2" prefetch="${3:-true}" dir="${TB_STATE}/vm$1" ip
+write_snapshotter_config() {  # VM MODE PREFETCH(true|false) SIBLING(true|false)
+  local i="$1" mode="$2" prefetch="${3:-true}" sibling="${4:-true}" dir="${TB_STATE}/vm$1" ip
   ip="$(vm_ip "$i")"
   cat >"${TB_RUN}/vm${i}/snapshotter.toml" <<EOF
 root = "${dir}/snapshotter"
 socket = "${TB_RUN}/vm${i}/snapshotter.sock"
-log_level = "info"
+log_level = "${FAASNET_TB_LOG:-info}"
 metrics_address = "${ip}:9111"
 
 [lazy]
 peer_listen = "${ip}:9112"
 insecure_registries = ["${REG_ADDR}"]
 prefetch = ${prefetch}
+sibling_exchange = ${sibling}
 EOF
   if [[ "$mode" == faasnet ]]; then
     cat >>"${TB_RUN}/vm${i}/snapshotter.toml" <<EOF
@@ -157,7 +158,8 @@ EOF
 start_vm() {
   local i="$1"
   mkdir -p "${TB_RUN}/vm${i}" "${TB_STATE}/vm${i}"
-  write_snapshotter_config "$i" "$(cat "${TB_RUN}/mode")" "$(cat "${TB_RUN}/prefetch")"
+  write_snapshotter_config "$i" "$(cat "${TB_RUN}/mode")" "$(cat "${TB_RUN}/prefetch")" \
+    "$(cat "${TB_RUN}/sibling")"
   write_containerd_config "$i"
   start_daemon "vm${i}-snapshotter" "$(vm_ns "$i")" "${TB_RUN}/vm${i}/snapshotter.log" \
     "$(bin_dir)/snapshotter" --config "${TB_RUN}/vm${i}/snapshotter.toml"
@@ -197,7 +199,8 @@ wait_vms() {
 }
 
 cmd_up() {
-  local n="${1:-}" rate=100mbit reg_rate=400mbit mode=faasnet profile=release prefetch=true i
+  local n="${1:-}" rate=100mbit reg_rate=400mbit mode=faasnet profile=release prefetch=true
+  local sibling=true i
   [[ "$n" =~ ^[0-9]+$ && "$n" -ge 1 && "$n" -le 64 ]] || die "up: N must be 1..64"
   shift
   while [[ $# -gt 0 ]]; do
@@ -207,6 +210,7 @@ cmd_up() {
       --mode) mode="$2"; shift 2 ;;
       --profile) profile="$2"; shift 2 ;;
       --no-prefetch) prefetch=false; shift ;;
+      --no-sibling) sibling=false; shift ;;
       *) usage ;;
     esac
   done
@@ -217,6 +221,7 @@ cmd_up() {
   echo "$profile" >"${TB_RUN}/profile"
   echo "$mode" >"${TB_RUN}/mode"
   echo "$prefetch" >"${TB_RUN}/prefetch"
+  echo "$sibling" >"${TB_RUN}/sibling"
   echo "$rate" >"${TB_RUN}/rate"
   echo "$reg_rate" >"${TB_RUN}/registry-rate"
   local cargo_flag=()
@@ -265,7 +270,7 @@ EOF
 
 # reset: every VM and the coordinator restarted with empty state, in a (new) mode.
 cmd_reset() {
-  local n i mode prefetch=true
+  local n i mode prefetch=true sibling=true
   n="$(vm_count)"
   [[ "$n" -ge 1 ]] || die "no testbed is up"
   mode="$(cat "${TB_RUN}/mode")"
@@ -273,6 +278,7 @@ cmd_reset() {
     case "$1" in
       --mode) mode="$2"; shift 2 ;;
       --no-prefetch) prefetch=false; shift ;;
+      --no-sibling) sibling=false; shift ;;
       *) usage ;;
     esac
   done
@@ -287,12 +293,13 @@ cmd_reset() {
   done
   echo "$mode" >"${TB_RUN}/mode"
   echo "$prefetch" >"${TB_RUN}/prefetch"
+  echo "$sibling" >"${TB_RUN}/sibling"
   start_coordinator
   for ((i = 0; i < n; i++)); do
     start_vm "$i"
   done
   wait_vms
-  log "testbed reset: ${n} VMs, mode ${mode}, prefetch ${prefetch}"
+  log "testbed reset: ${n} VMs, mode ${mode}, prefetch ${prefetch}, sibling exchange ${sibling}"
 }
 
 # push-image NAME: the test image NAME, pushed to the testbed registry, and its conversion.
