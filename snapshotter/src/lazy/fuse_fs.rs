@@ -651,6 +651,18 @@ impl Filesystem for LayerFs {
             None => reply.error(Errno::ENOENT),
         }
     }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // Read-only: nothing to flush (fuser's default logs a warning on every mount).
+        reply.ok()
+    }
 }
 
 /// FUSE mount settings.
