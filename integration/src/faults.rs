@@ -336,3 +336,86 @@ pub fn blob_bytes_served_to(registry: &crate::registry::Registry, ip: &str) -> u
         })
         .sum()
 }
+
+/// A running `bad-peer` (src/bin/bad-peer.rs) in VM `i`'s namespace: a member of the
+/// function tree that serves damaged blocks. Killed on drop.
+pub struct BadPeer {
+    /// Its node id.
+    pub node_id: String,
+    daemon: crate::process::Daemon,
+    _dir: tempfile::TempDir,
+}
+
+impl BadPeer {
+    /// Starts it in VM `i` of `net` (peer address `<vm ip>:9112`, node id `vm<i>`), joined
+    /// to `image`'s tree; `mode` is `corrupt`, `truncate` or `short`. Waits until it has
+    /// joined.
+    pub fn start(
+        net: &Network,
+        i: usize,
+        coordinator: &Coordinator,
+        image: &crate::images::TestImage,
+        mode: &str,
+    ) -> anyhow::Result<BadPeer> {
+        let dir = tempfile::Builder::new()
+            .prefix("faasnet-badpeer")
+            .tempdir_in("/tmp")?;
+        let layers: Vec<String> = image
+            .converted_layers()?
+            .into_iter()
+            .map(|l| l.digest)
+            .collect();
+        let node_id = format!("vm{i}");
+        let ns = net.vm_ns(i);
+        let mut cmd = crate::containerd::in_netns(
+            Some(&ns),
+            crate::binaries::workspace_binary("bad-peer")
+                .to_str()
+                .unwrap(),
+        );
+        cmd.args(["--listen", &format!("{}:9112", net.vm_ip(i))])
+            .args(["--coordinator", &coordinator.endpoint()])
+            .args([
+                "--tenant",
+                crate::stack::TENANT,
+                "--token",
+                crate::stack::TOKEN,
+            ])
+            .args(["--node-id", &node_id])
+            .args([
+                "--function",
+                image.converted_digest.as_deref().context("converted")?,
+            ])
+            .args(["--registry", &image.registry, "--repo", &image.repo])
+            .args(["--layers", &layers.join(","), "--mode", mode]);
+        let mut daemon =
+            crate::process::Daemon::spawn("bad-peer", cmd, &dir.path().join("bad-peer.log"))?;
+        crate::wait_until("bad-peer to join", Duration::from_secs(60), || {
+            if daemon.check_alive().is_err() {
+                return Some(());
+            }
+            daemon.log().contains("ready").then_some(())
+        })?;
+        daemon.check_alive()?;
+        Ok(BadPeer {
+            node_id,
+            daemon,
+            _dir: dir,
+        })
+    }
+
+    /// Block requests it answered (with damaged blocks) so far.
+    pub fn served(&self) -> u64 {
+        self.daemon
+            .log()
+            .lines()
+            .filter_map(|l| l.strip_prefix("served ")?.split(' ').next()?.parse().ok())
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Its log.
+    pub fn log(&self) -> String {
+        self.daemon.log()
+    }
+}
