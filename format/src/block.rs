@@ -89,8 +89,9 @@ pub fn decode_block(index: usize, entry: &BlockEntry, stored: &[u8]) -> Result<V
     decode_frame(index, stored, entry.raw_len)
 }
 
-/// Decompresses one LZ4 frame that must decode to exactly `raw_len` bytes.
-pub(crate) fn decode_frame(index: usize, stored: &[u8], raw_len: u32) -> Result<Vec<u8>> {
+/// Decompresses one LZ4 frame that must decode to exactly `raw_len` bytes, with nothing after
+/// the frame; for bytes already checked against their digest (else use [`decode_block`]).
+pub fn decode_frame(index: usize, stored: &[u8], raw_len: u32) -> Result<Vec<u8>> {
     if raw_len > crate::MAX_BLOCK_SIZE {
         return Err(FormatError::block(index, "claims more than 4 MiB of data"));
     }

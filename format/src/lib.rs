@@ -21,7 +21,7 @@ pub mod tar_index;
 pub mod toc;
 pub mod writer;
 
-pub use block::{decode_block, encode_block, EncodedBlock};
+pub use block::{decode_block, decode_frame, encode_block, EncodedBlock};
 pub use error::{FormatError, Result};
 pub use footer::{Footer, FOOTER_SIZE};
 pub use reader::{decode_stream, parse_tail, parse_toc_frame, TailParse, DEFAULT_TAIL_FETCH};

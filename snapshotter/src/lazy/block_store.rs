@@ -8,7 +8,6 @@
 
 use std::{
     collections::HashMap,
-    io::Read,
     sync::{
         atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex,
@@ -494,13 +493,12 @@ impl BlockStore {
         }
         let stored = self.stored_block(index, Purpose::OnDemand).await?;
         let entry = self.entry(index)?;
-        // Verified already (by the chain or on disk read): decompress only.
-        let raw = Arc::new(decompress(&stored, entry.raw_len).map_err(|e| {
-            LazyError::format(
-                &self.layer,
-                faasnet_format::FormatError::BadBlock { index, reason: e },
-            )
-        })?);
+        // Verified already (by the chain or on disk read): decompress only, with the same
+        // rules as every other reader of the format (exactly one frame, exact size).
+        let raw = Arc::new(
+            faasnet_format::decode_frame(index, &stored, entry.raw_len)
+                .map_err(|e| LazyError::format(&self.layer, e))?,
+        );
         self.mem.insert((self.id, index), raw.clone());
         Ok(raw)
     }
@@ -563,18 +561,3 @@ impl Drop for BlockStore {
     }
 }
 
-/// Decompresses one verified LZ4 frame that must decode to exactly `raw_len` bytes.
-fn decompress(stored: &[u8], raw_len: u32) -> std::result::Result<Vec<u8>, String> {
-    let mut out = Vec::with_capacity(raw_len as usize);
-    lz4_flex::frame::FrameDecoder::new(stored)
-        .take(raw_len as u64 + 1)
-        .read_to_end(&mut out)
-        .map_err(|e| format!("bad LZ4 frame: {e}"))?;
-    if out.len() != raw_len as usize {
-        return Err(format!(
-            "decodes to {} bytes, block table says {raw_len}",
-            out.len()
-        ));
-    }
-    Ok(out)
-}
