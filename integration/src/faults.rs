@@ -419,3 +419,33 @@ impl BadPeer {
         self.daemon.log()
     }
 }
+
+/// FUSE mounts under `dir` now (a snapshotter's lazily mounted layers).
+pub fn fuse_mounts_under(dir: &std::path::Path) -> usize {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let fstype = f
+                .iter()
+                .position(|x| *x == "-")
+                .and_then(|i| f.get(i + 1))
+                .copied()
+                .unwrap_or("");
+            fstype.starts_with("fuse")
+                && f.get(4)
+                    .is_some_and(|p| std::path::Path::new(p).starts_with(dir))
+        })
+        .count()
+}
+
+/// Bytes allocated on disk under `dir` (`du -s --block-size=1`: sparse files count what they
+/// hold).
+pub fn disk_usage(dir: &std::path::Path) -> anyhow::Result<u64> {
+    let out = run("du", &["-s", "--block-size=1", &dir.display().to_string()])?;
+    out.split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .context("du output")
+}
