@@ -449,7 +449,12 @@ cmd_down() {
     /proc/self/mountinfo | sort -r |
     while read -r m; do umount -l "$m" 2>/dev/null || true; done
   for f in /run/netns/fntb-*; do
-    if [[ -e "$f" ]]; then ip netns del "$(basename "$f")"; fi
+    if [[ -e "$f" ]]; then
+      # Whatever still runs in it (e.g. a snapshotter's FUSE fd holder, which outlives its
+      # snapshotter by design) would keep the namespace and its veth alive.
+      ip netns pids "$(basename "$f")" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
+      ip netns del "$(basename "$f")"
+    fi
   done
   ip link del "$BRIDGE" 2>/dev/null || true
   rm -rf "${TB_RUN}" "${TB_STATE}"
