@@ -108,6 +108,14 @@ impl Network {
         for i in 0..self.vms.max(64) {
             let ns = self.vm_ns(i);
             if Path::new("/run/netns").join(&ns).exists() {
+                // Whatever still runs in it (a snapshotter's FUSE fd holder outlives its
+                // snapshotter by design) would keep the namespace and its veth alive, and the
+                // next test's network of the same name could not be made.
+                if let Ok(pids) = run("ip", &["netns", "pids", &ns]) {
+                    for pid in pids.split_whitespace() {
+                        let _ = run("kill", &["-9", pid]);
+                    }
+                }
                 let _ = run("ip", &["netns", "del", &ns]);
             }
         }
