@@ -16,11 +16,17 @@ use crate::trace::BlockTrace;
 /// Prediction errors beyond this (relative) are flagged.
 pub const TOLERANCE: f64 = 0.20;
 
-/// The benchmark's results.json (fields we do not use are ignored).
+/// The benchmark's results.json (hack/bench/startup.sh; fields we do not use are ignored).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Measured {
     /// Testbed parameters.
     pub params: MeasuredParams,
+    /// The working-set run: one VM, on-demand, prefetch off; its registry bytes are W.
+    #[serde(default)]
+    pub working_set: Option<MeasuredRun>,
+    /// The same VM started again with every block it needs cached.
+    #[serde(default)]
+    pub warm: Option<MeasuredRun>,
     /// Every run.
     pub runs: Vec<MeasuredRun>,
 }
@@ -35,6 +41,9 @@ pub struct MeasuredParams {
     /// Block size of the converted image.
     #[serde(default)]
     pub block_size: Option<u64>,
+    /// CPUs of the host all VMs share.
+    #[serde(default)]
+    pub cpus: Option<usize>,
 }
 
 /// One measured run.
@@ -44,6 +53,13 @@ pub struct MeasuredRun {
     pub mode: Mode,
     /// VMs started at once.
     pub n: usize,
+    /// Bytes the registry sent during the run (its own counter, TOCs and manifests
+    /// included); the VMs' sum when absent.
+    #[serde(default)]
+    pub registry_bytes: Option<u64>,
+    /// Share of the host's CPU time busy during the run.
+    #[serde(default)]
+    pub cpu_busy: Option<f64>,
     /// Per VM.
     pub vms: Vec<MeasuredVm>,
 }
@@ -55,25 +71,35 @@ pub struct MeasuredVm {
     pub vm: String,
     /// Request to first output, ms; `null` when the start failed.
     pub start_ms: Option<f64>,
-    /// Bytes from the registry.
+    /// Whether the function printed its line; a failed start is left out.
+    #[serde(default)]
+    pub ok: Option<bool>,
+    /// Block bytes from the registry (the snapshotter's counter).
     #[serde(default)]
     pub registry_bytes: Option<u64>,
-    /// Bytes from the parent.
+    /// Block bytes from peers.
     #[serde(default)]
     pub peer_bytes: Option<u64>,
+    /// Bytes the VM's interface received.
+    #[serde(default)]
+    pub rx_bytes: Option<u64>,
 }
 
 impl MeasuredRun {
-    fn starts_s(&self) -> Vec<f64> {
+    /// Start times (s) of the VMs that started.
+    pub fn starts_s(&self) -> Vec<f64> {
         self.vms
             .iter()
+            .filter(|v| v.ok != Some(false))
             .filter_map(|v| v.start_ms)
             .map(|ms| ms / 1000.0)
             .collect()
     }
 
-    fn registry_bytes(&self) -> u64 {
-        self.vms.iter().filter_map(|v| v.registry_bytes).sum()
+    /// Registry bytes of the run: the registry's counter, else the VMs' sum.
+    pub fn registry_bytes(&self) -> u64 {
+        self.registry_bytes
+            .unwrap_or_else(|| self.vms.iter().filter_map(|v| v.registry_bytes).sum())
     }
 }
 
@@ -86,6 +112,18 @@ impl Measured {
             source,
         })
     }
+
+    /// W: block bytes one cold start fetched from the registry (prefetch off).
+    pub fn working_set_bytes(&self) -> Option<u64> {
+        let run = self.working_set.as_ref()?;
+        let vm = run.vms.first()?;
+        vm.registry_bytes.or(run.registry_bytes)
+    }
+
+    /// The warm start, s.
+    pub fn warm_s(&self) -> Option<f64> {
+        self.warm.as_ref()?.starts_s().first().copied()
+    }
 }
 
 /// The fitted parameters.
@@ -95,6 +133,13 @@ pub struct Fit {
     pub h0_s: f64,
     /// Fitted unpack rate, bytes/s.
     pub unpack_bps: f64,
+    /// Measured W (block bytes of one cold start, prefetch off), if the file has it.
+    pub measured_w: Option<u64>,
+    /// The model's W for the same start (on-demand, one VM, prefetch off).
+    pub modelled_w: u64,
+    /// Read-ahead cap chosen so that the modelled W matches the measured one (only for a
+    /// trace without file boundaries).
+    pub readahead_cap: Option<usize>,
     /// What each was fitted from (for the report).
     pub notes: Vec<String>,
 }
@@ -147,6 +192,27 @@ pub struct Calibration {
     pub params: Params,
     /// One row per measured run, in file order.
     pub rows: Vec<Row>,
+    /// The trace the predictions used (read-ahead capped if so fitted).
+    #[serde(skip)]
+    pub trace: BlockTrace,
+}
+
+/// What the command line may change against the scenario.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Options {
+    /// Shared CPU: `Some(cores)` overrides the scenario's `host_cores`; `Some(0.0)` means
+    /// no sharing.
+    pub host_cores: Option<f64>,
+    /// Overrides the scenario's sibling exchange.
+    pub sibling_exchange: Option<bool>,
+}
+
+/// W of the model: registry bytes of one VM's on-demand start with prefetch off.
+pub fn modelled_working_set(params: &Params, trace: &BlockTrace) -> Result<u64> {
+    let mut p = params.clone();
+    p.n_vms = 1;
+    p.prefetch = false;
+    Ok(simulate(Mode::Ondemand, &p, trace)?.registry_bytes)
 }
 
 /// Fits on the N=1 runs and predicts all runs. The scenario supplies what the measurement
@@ -156,10 +222,19 @@ pub fn calibrate(
     measured: &Measured,
     scenario: &Scenario,
     trace: &BlockTrace,
+    opts: &Options,
 ) -> Result<Calibration> {
     let mut params = scenario.params(1);
     params.vm_link_bps = measured.params.vm_link_bps;
     params.registry_egress_bps = measured.params.registry_egress_bps;
+    match opts.host_cores {
+        Some(c) if c > 0.0 => params.host_cores = Some(c),
+        Some(_) => params.host_cores = None,
+        None => {}
+    }
+    if let Some(on) = opts.sibling_exchange {
+        params.sibling_exchange = on;
+    }
     let mut notes = Vec::new();
     if let Some(bs) = measured.params.block_size {
         if bs != trace.block_size {
@@ -168,6 +243,60 @@ pub fn calibrate(
                 trace.block_size
             ));
         }
+    }
+    // The working set: read-ahead stops at the end of the file being read. A trace without
+    // file boundaries, or whose guessed boundaries (the access order names blocks, not
+    // files) fetch a different W, gets the read-ahead cap whose modelled W is nearest the
+    // measured W (one more parameter, fitted on the N=1 working-set run).
+    let measured_w = measured.working_set_bytes();
+    let mut trace = trace.clone();
+    let mut readahead_cap = None;
+    if let Some(w) = measured_w {
+        let uncapped = modelled_working_set(&params, &trace)?;
+        let mut best: Option<(u64, usize, u64)> = None;
+        for cap in 0..=params.readahead_blocks {
+            let mw = modelled_working_set(&params, &trace.with_readahead_cap(cap))?;
+            let err = mw.abs_diff(w);
+            if best.is_none_or(|b| err < b.0) {
+                best = Some((err, cap, mw));
+            }
+        }
+        let (_, cap, mw) = best.expect("at least cap 0");
+        if cap < params.readahead_blocks {
+            notes.push(format!(
+                "read-ahead bounded by {}: modelled W {:.1} MB against the measured {:.1} MB; \
+                 capped at {cap} blocks after each read, the modelled W is {:.1} MB",
+                if trace.file_ends.is_empty() {
+                    "the layer only (no file boundaries in the trace)"
+                } else {
+                    "the trace's file guesses"
+                },
+                uncapped as f64 / 1e6,
+                w as f64 / 1e6,
+                mw as f64 / 1e6,
+            ));
+            trace = trace.with_readahead_cap(cap);
+            readahead_cap = Some(cap);
+        }
+    }
+    let modelled_w = modelled_working_set(&params, &trace)?;
+    match measured_w {
+        Some(w) => notes.push(format!(
+            "W: measured {:.1} MB, modelled {:.1} MB ({:+.0}%; {} reads in the trace, read-ahead bounded by {})",
+            w as f64 / 1e6,
+            modelled_w as f64 / 1e6,
+            100.0 * (modelled_w as f64 - w as f64) / w as f64,
+            trace.start_reads.len(),
+            match (readahead_cap, trace.file_ends.is_empty()) {
+                (Some(_), _) => "the fitted cap",
+                (None, false) => "the files",
+                (None, true) => "the layer",
+            },
+        )),
+        None => notes.push(format!(
+            "W: not in the measurement; modelled {:.1} MB",
+            modelled_w as f64 / 1e6
+        )),
     }
     let n1 = |mode: Mode| {
         measured
@@ -181,7 +310,7 @@ pub fn calibrate(
     zero.h0_s = 0.0;
     let mut h0_samples = Vec::new();
     for mode in [Mode::Ondemand, Mode::Faasnet] {
-        let data = simulate(mode, &zero, trace)?.max_s;
+        let data = simulate(mode, &zero, &trace)?.max_s;
         for s in n1(mode) {
             h0_samples.push(s - data);
             notes.push(format!(
@@ -203,10 +332,16 @@ pub fn calibrate(
         }
         params.h0_s = mean.max(0.0);
     }
+    if let Some(warm) = measured.warm_s() {
+        notes.push(format!(
+            "for comparison, the warm start (every block cached) took {warm:.3} s; h0 also \
+             holds the CPU pauses between a cold start's read bursts, which the model does not overlap"
+        ));
+    }
     // unpack: measured baseline minus simulated download and h0, over the uncompressed size.
     let mut fast = params.clone();
     fast.unpack_bps = f64::INFINITY;
-    let pull = simulate(Mode::Baseline, &fast, trace)?.max_s;
+    let pull = simulate(Mode::Baseline, &fast, &trace)?.max_s;
     let base: Vec<f64> = n1(Mode::Baseline).collect();
     if base.is_empty() {
         notes.push(format!(
@@ -228,6 +363,12 @@ pub fn calibrate(
             ));
         }
     }
+    notes.push(match params.host_cores {
+        Some(c) => format!(
+            "shared CPU: the container starts (h0) and baseline unpacks of all VMs share {c} cores, one core per job at most"
+        ),
+        None => "no shared CPU: every VM's h0 and unpack run on a CPU of its own".into(),
+    });
     let mut rows = Vec::new();
     for run in &measured.runs {
         let starts = run.starts_s();
@@ -236,7 +377,7 @@ pub fn calibrate(
         }
         let mut p = params.clone();
         p.n_vms = run.n;
-        let predicted: RunResult = simulate(run.mode, &p, trace)?;
+        let predicted: RunResult = simulate(run.mode, &p, &trace)?;
         rows.push(Row {
             mode: run.mode,
             n: run.n,
@@ -252,10 +393,14 @@ pub fn calibrate(
         fit: Fit {
             h0_s: params.h0_s,
             unpack_bps: params.unpack_bps,
+            measured_w,
+            modelled_w,
+            readahead_cap,
             notes,
         },
         params,
         rows,
+        trace,
     })
 }
 
@@ -292,13 +437,60 @@ mod tests {
         Path::new(env!("CARGO_MANIFEST_DIR")).join(name)
     }
 
+    /// A measurement made by the model itself (h0 1.5 s, unpack 60 MB/s, ±5% jitter), in
+    /// the benchmark's format.
+    fn synthetic_measurement(scenario: &Scenario, trace: &BlockTrace) -> Measured {
+        let mut runs = Vec::new();
+        let mut p = scenario.params(1);
+        p.h0_s = 1.5;
+        p.unpack_bps = 60e6;
+        let mut jitter = [1.03, 0.97, 1.05, 0.95, 1.0, 1.02, 0.98]
+            .into_iter()
+            .cycle();
+        for mode in Mode::ALL {
+            for n in [1, 2, 4, 8] {
+                p.n_vms = n;
+                let r = simulate(mode, &p, trace).unwrap();
+                let vms = r
+                    .vms
+                    .iter()
+                    .map(|v| MeasuredVm {
+                        vm: v.vm.clone(),
+                        start_ms: Some(v.start_s * 1000.0 * jitter.next().unwrap()),
+                        ok: Some(true),
+                        registry_bytes: Some(v.registry_bytes),
+                        peer_bytes: Some(v.peer_bytes),
+                        rx_bytes: None,
+                    })
+                    .collect();
+                runs.push(MeasuredRun {
+                    mode,
+                    n,
+                    registry_bytes: Some(r.registry_bytes),
+                    cpu_busy: None,
+                    vms,
+                });
+            }
+        }
+        Measured {
+            params: MeasuredParams {
+                vm_link_bps: scenario.vm_link_bps,
+                registry_egress_bps: scenario.registry_egress_bps,
+                block_size: Some(trace.block_size),
+                cpus: Some(2),
+            },
+            working_set: None,
+            warm: None,
+            runs,
+        }
+    }
+
     #[test]
-    fn sample_measurement_calibrates_within_tolerance() {
-        let measured = Measured::load(&testdata("testdata/measured-sample.json")).unwrap();
+    fn synthetic_measurement_calibrates_within_tolerance() {
         let scenario = Scenario::load(&testdata("scenarios/testbed.toml")).unwrap();
         let trace = scenario.block_trace().unwrap();
-        let cal = calibrate(&measured, &scenario, &trace).unwrap();
-        // The sample was generated with h0 = 1.5 s and unpack at 60 MB/s, plus noise.
+        let measured = synthetic_measurement(&scenario, &trace);
+        let cal = calibrate(&measured, &scenario, &trace, &Options::default()).unwrap();
         assert!((cal.fit.h0_s - 1.5).abs() < 0.2, "{:?}", cal.fit);
         assert!(
             (cal.fit.unpack_bps / 60e6 - 1.0).abs() < 0.2,
@@ -308,7 +500,39 @@ mod tests {
         assert_eq!(cal.rows.len(), measured.runs.len());
         let flagged: Vec<_> = cal.rows.iter().filter(|r| r.flagged()).collect();
         assert!(flagged.is_empty(), "{}", table(&cal));
-        assert!(table(&cal).contains("| faasnet | 16 |"));
+        assert!(table(&cal).contains("| faasnet | 8 |"));
+    }
+
+    #[test]
+    fn real_results_json_is_read() {
+        // A real hack/bench/startup.sh output (100 Mbit/s, N = 1, 2, 4, no sibling exchange)
+        // and the trace of its image.
+        let measured = Measured::load(&testdata("testdata/measured-st2.json")).unwrap();
+        assert_eq!(measured.working_set_bytes(), Some(36_014_517));
+        assert_eq!(measured.warm_s(), Some(0.286));
+        assert_eq!(measured.params.cpus, Some(2));
+        assert_eq!(measured.runs.len(), 9);
+        // Per-VM snapshotter counters are 0 in baseline; the registry's own counter is used.
+        assert_eq!(measured.runs[0].registry_bytes(), 86_373_081);
+        let trace = BlockTrace::load(&testdata("testdata/realistic-trace-st2.json")).unwrap();
+        let scenario = Scenario::parse(
+            "n_vms = 1\nvm_link_bps = 1\nregistry_egress_bps = 1\nrtt_ms = 0.2\nprefetch_recorded_order = false",
+        )
+        .unwrap();
+        let opts = Options {
+            host_cores: None,
+            sibling_exchange: Some(false),
+        };
+        let cal = calibrate(&measured, &scenario, &trace, &opts).unwrap();
+        // W is matched to within a block or two of the measurement.
+        let w = cal.fit.measured_w.unwrap() as f64;
+        assert!(
+            (cal.fit.modelled_w as f64 / w - 1.0).abs() < 0.03,
+            "{:?}",
+            cal.fit
+        );
+        assert_eq!(cal.rows.len(), 9);
+        assert!(cal.fit.h0_s > 0.0 && cal.fit.h0_s < 3.0, "{:?}", cal.fit);
     }
 
     #[test]

@@ -46,6 +46,12 @@ enum Command {
         /// Write a PNG of start time vs N per mode.
         #[arg(long)]
         plot: Option<PathBuf>,
+        /// Turn the sibling exchange off (both children fetch every block from the parent).
+        #[arg(long)]
+        no_sibling: bool,
+        /// Cores shared by all VMs' CPU work (0: none shared; default: the scenario's).
+        #[arg(long)]
+        host_cores: Option<f64>,
     },
     /// Builds a block trace from converted layer blobs (their TOCs) and access-order files.
     TraceFromToc {
@@ -87,6 +93,16 @@ enum Command {
         /// Write a PNG of predicted start times vs N per mode.
         #[arg(long)]
         plot: Option<PathBuf>,
+        /// Turn the sibling exchange off in the model (to compare with a --no-sibling testbed).
+        #[arg(long)]
+        no_sibling: bool,
+        /// Shared CPU: all VMs' container starts and unpacks share the measurement's
+        /// `params.cpus` cores (one core per VM at most).
+        #[arg(long)]
+        shared_cpu: bool,
+        /// Shared CPU with this many cores (0: no sharing); overrides --shared-cpu.
+        #[arg(long)]
+        host_cores: Option<f64>,
     },
     /// Replays published setups next to the published figures.
     Replay {
@@ -113,6 +129,9 @@ enum Command {
         /// Write a PNG of the scale-out start times.
         #[arg(long)]
         plot: Option<PathBuf>,
+        /// Turn the sibling exchange off.
+        #[arg(long)]
+        no_sibling: bool,
     },
     /// Draws start time against N from a JSON file of series (the benchmark report's
     /// measured figures): `{"title": "...", "series": {"mode": [[n, p50_s, max_s], ...]}}`.
@@ -141,7 +160,18 @@ fn main() -> Result<()> {
             per_vm,
             json,
             plot,
-        } => run(&scenario, n, mode, per_vm, json, plot),
+            no_sibling,
+            host_cores,
+        } => {
+            let mut s = Scenario::load(&scenario)?;
+            if no_sibling {
+                s.sibling_exchange = false;
+            }
+            if let Some(c) = host_cores {
+                s.host_cores = (c > 0.0).then_some(c);
+            }
+            run(&s, n, mode, per_vm, json, plot)
+        }
         Command::TraceFromToc {
             blobs,
             access_orders,
@@ -164,7 +194,12 @@ fn main() -> Result<()> {
             scenario,
             out,
             plot,
-        } => calibrate_cmd(&measured, &scenario, out, plot),
+            no_sibling,
+            shared_cpu,
+            host_cores,
+        } => calibrate_cmd(
+            &measured, &scenario, out, plot, no_sibling, shared_cpu, host_cores,
+        ),
         Command::Replay {
             which: Which::Paper,
             out,
@@ -174,8 +209,12 @@ fn main() -> Result<()> {
             no_sensitivity,
             large_ondemand,
             plot,
+            no_sibling,
         } => {
-            let mut a = PaperAssumptions::default();
+            let mut a = PaperAssumptions {
+                sibling_exchange: !no_sibling,
+                ..Default::default()
+            };
             if let Some(g) = registry_gbps {
                 a.registry_egress_bps = g * GBPS;
             }
@@ -248,14 +287,13 @@ fn series(results: &[RunResult]) -> Vec<Series> {
 }
 
 fn run(
-    path: &Path,
+    scenario: &Scenario,
     ns: Vec<usize>,
     modes: Vec<String>,
     per_vm: bool,
     json: Option<PathBuf>,
     plot: Option<PathBuf>,
 ) -> Result<()> {
-    let scenario = Scenario::load(path)?;
     let trace = scenario.block_trace()?;
     let ns = if ns.is_empty() { scenario.sizes() } else { ns };
     let modes: Vec<Mode> = if modes.is_empty() {
@@ -267,8 +305,12 @@ fn run(
             .collect::<std::result::Result<_, _>>()?
     };
     println!(
-        "scenario {:?}: {} blocks, converted {:.1} MB, working set {} reads / {:.1} MB, gzip {:.1} MB",
+        "scenario {:?} (sibling exchange {}, shared CPU {}): {} blocks, converted {:.1} MB, working set {} reads / {:.1} MB, gzip {:.1} MB",
         scenario.name,
+        if scenario.sibling_exchange { "on" } else { "off" },
+        scenario
+            .host_cores
+            .map_or("no".to_string(), |c| format!("{c} cores")),
         trace.block_count(),
         trace.converted_bytes() as f64 / 1e6,
         trace.start_reads.len(),
@@ -370,18 +412,34 @@ fn calibrate_cmd(
     scenario: &Path,
     out: Option<PathBuf>,
     plot: Option<PathBuf>,
+    no_sibling: bool,
+    shared_cpu: bool,
+    host_cores: Option<f64>,
 ) -> Result<()> {
     let m = Measured::load(measured)?;
     let s = Scenario::load(scenario)?;
     let trace = s.block_trace()?;
-    let cal = calibrate::calibrate(&m, &s, &trace)?;
+    let cpus = m.params.cpus.map(|c| c as f64);
+    if shared_cpu && host_cores.is_none() && cpus.is_none() {
+        bail!("--shared-cpu: the measurement has no params.cpus; give --host-cores");
+    }
+    let opts = calibrate::Options {
+        host_cores: host_cores.or(if shared_cpu { cpus } else { None }),
+        sibling_exchange: no_sibling.then_some(false),
+    };
+    let cal = calibrate::calibrate(&m, &s, &trace, &opts)?;
+    let trace = cal.trace.clone();
     let mut text = format!(
-        "Fitted on N=1: h0 = {:.3} s, unpack = {:.1} MB/s (links {:.2} MB/s, registry {:.2} MB/s, RTT {:.2} ms)\n\n",
+        "Fitted on N=1: h0 = {:.3} s, unpack = {:.1} MB/s (links {:.2} MB/s, registry {:.2} MB/s, RTT {:.2} ms, sibling exchange {}, shared CPU {})\n\n",
         cal.fit.h0_s,
         cal.fit.unpack_bps / 1e6,
         cal.params.vm_link_bps / 1e6,
         cal.params.registry_egress_bps / 1e6,
-        cal.params.rtt_s * 1000.0
+        cal.params.rtt_s * 1000.0,
+        if cal.params.sibling_exchange { "on" } else { "off" },
+        cal.params
+            .host_cores
+            .map_or("no".to_string(), |c| format!("{c} cores")),
     );
     for note in &cal.fit.notes {
         text.push_str(&format!("- {note}\n"));

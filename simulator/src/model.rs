@@ -100,6 +100,31 @@ pub struct Params {
     pub containers_per_vm: f64,
     /// vCPUs per VM: containers on one VM start `vm_cores` at a time, each taking `h0_s`.
     pub vm_cores: usize,
+    /// Sibling exchange (docs/lazy.md): the two children of a parent split the blocks, side 0
+    /// (the first child) fetches even-index blocks from the parent and the odd ones from its
+    /// sibling, side 1 the other way round. Prefetch is not split.
+    #[serde(default = "yes")]
+    pub sibling_exchange: bool,
+    /// Prefetch starts a fetch only after no on-demand fetch ran on the node for this long
+    /// (the snapshotter's `prefetch::QUIET`, 0.5 s), seconds.
+    #[serde(default = "half_second")]
+    pub prefetch_quiet_s: f64,
+    /// Prefetch takes the recorded access order first (a node that ran the function
+    /// before); false: block index order (a fresh node, as in the testbed benchmark).
+    #[serde(default = "yes")]
+    pub prefetch_recorded_order: bool,
+    /// Cores shared by all VMs for their CPU work (container start `h0_s`, baseline unpack),
+    /// each job using at most one core; `None`: every VM has its own CPU (no sharing).
+    #[serde(default)]
+    pub host_cores: Option<f64>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn half_second() -> f64 {
+    0.5
 }
 
 impl Default for Params {
@@ -116,6 +141,10 @@ impl Default for Params {
             prefetch_concurrency: 1,
             containers_per_vm: 1.0,
             vm_cores: 2,
+            sibling_exchange: true,
+            prefetch_quiet_s: 0.5,
+            prefetch_recorded_order: true,
+            host_cores: None,
         }
     }
 }
@@ -135,8 +164,13 @@ impl Params {
         if self.n_vms == 0 {
             return Err(SimError::Invalid("n_vms must be > 0".into()));
         }
-        if self.rtt_s < 0.0 || self.h0_s < 0.0 {
-            return Err(SimError::Invalid("rtt and h0 must be >= 0".into()));
+        if self.rtt_s < 0.0 || self.h0_s < 0.0 || self.prefetch_quiet_s < 0.0 {
+            return Err(SimError::Invalid(
+                "rtt, h0 and prefetch_quiet must be >= 0".into(),
+            ));
+        }
+        if self.host_cores.is_some_and(|c| c.is_nan() || c <= 0.0) {
+            return Err(SimError::Invalid("host_cores must be > 0".into()));
         }
         Ok(())
     }
@@ -244,8 +278,8 @@ enum Timer {
     },
     /// The baseline's download of the image starts.
     StartPull { vm: usize },
-    /// A VM's first container is up.
-    Started { vm: usize },
+    /// A VM's prefetch looks again whether the node has been quiet long enough.
+    PrefetchWake { vm: usize },
 }
 
 #[derive(Debug)]
@@ -313,6 +347,62 @@ fn next_event(net: &mut Network, timers: &mut Timers) -> Option<Next> {
     }
 }
 
+/// When the earliest pending event (flow completion or timer) happens.
+fn peek_time(net: &mut Network, timers: &Timers) -> Option<f64> {
+    let flow = net.next_completion().map(|(t, _)| t);
+    let timer = timers.heap.peek().map(|t| t.time);
+    match (flow, timer) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// CPU work after each VM's data is ready, as a processor-sharing queue: `jobs` are (ready
+/// time, CPU seconds of one core); each job runs on at most one core, and `cores` are shared
+/// equally by the jobs running at once. Returns when each job finishes. `None`: no sharing
+/// (every VM has its own CPU), so a job ends at ready + work.
+pub fn cpu_finish_times(jobs: &[(f64, f64)], cores: Option<f64>) -> Vec<f64> {
+    let Some(cores) = cores else {
+        return jobs.iter().map(|&(a, w)| a + w).collect();
+    };
+    let mut order: Vec<usize> = (0..jobs.len()).collect();
+    order.sort_by(|&x, &y| jobs[x].0.total_cmp(&jobs[y].0).then(x.cmp(&y)));
+    let mut done = vec![f64::NAN; jobs.len()];
+    let mut active: Vec<(usize, f64)> = Vec::new();
+    let mut next = 0;
+    let mut t = 0.0f64;
+    const EPS: f64 = 1e-12;
+    while next < order.len() || !active.is_empty() {
+        if active.is_empty() {
+            t = t.max(jobs[order[next]].0);
+        }
+        while next < order.len() && jobs[order[next]].0 <= t {
+            let j = order[next];
+            active.push((j, jobs[j].1.max(0.0)));
+            next += 1;
+        }
+        let rate = (cores / active.len() as f64).min(1.0);
+        let min_left = active.iter().map(|a| a.1).fold(f64::INFINITY, f64::min);
+        let t_done = t + min_left / rate;
+        let t_arrive = order.get(next).map_or(f64::INFINITY, |&j| jobs[j].0);
+        let t_next = t_done.min(t_arrive);
+        let worked = (t_next - t) * rate;
+        t = t_next;
+        for a in &mut active {
+            a.1 -= worked;
+        }
+        active.retain(|&(j, left)| {
+            if left <= EPS {
+                done[j] = t;
+                false
+            } else {
+                true
+            }
+        });
+    }
+    done
+}
+
 fn finish_run(
     mode: Mode,
     params: &Params,
@@ -321,7 +411,8 @@ fn finish_run(
     events: u64,
 ) -> RunResult {
     for (i, v) in vms.iter_mut().enumerate() {
-        v.all_started_s = v.data_ready_s + params.start_overhead_all(i);
+        let later_waves = params.start_overhead_all(i) - params.h0_s;
+        v.all_started_s = v.start_s + later_waves.max(0.0);
     }
     let starts: Vec<f64> = vms.iter().map(|v| v.start_s).collect();
     RunResult {
@@ -373,8 +464,9 @@ impl Baseline {
         let gz = trace.original_compressed_bytes as f64;
         let unpack = trace.original_uncompressed_bytes as f64 / params.unpack_bps;
         let mut events = 0;
-        let mut started = 0;
-        while started < n {
+        let mut pulled = 0;
+        let mut jobs = vec![(0.0, 0.0); n];
+        while pulled < n {
             let Some(next) = next_event(&mut net, &mut timers) else {
                 break;
             };
@@ -383,20 +475,23 @@ impl Baseline {
                 Next::Timer(Timer::StartPull { vm }) => {
                     net.start_flow(registry, vm, gz, Priority::Urgent, vm as u64);
                 }
-                Next::Timer(Timer::Started { vm }) => {
-                    vms[vm].start_s = net.now();
-                    started += 1;
-                }
                 Next::Timer(_) => unreachable!("baseline uses no block timers"),
                 Next::Flow(f) => {
                     let done = net.finish(f);
                     let vm = done.tag as usize;
                     vms[vm].registry_bytes += done.bytes as u64;
-                    // Unpacking is CPU on the VM itself: no sharing between VMs.
                     vms[vm].data_ready_s = net.now() + unpack;
-                    timers.at(net.now() + unpack + params.h0_s, Timer::Started { vm });
+                    // Unpacking and the container start are CPU work on the VM.
+                    jobs[vm] = (net.now(), unpack + params.h0_s);
+                    pulled += 1;
                 }
             }
+        }
+        for (vm, t) in cpu_finish_times(&jobs, params.host_cores)
+            .into_iter()
+            .enumerate()
+        {
+            vms[vm].start_s = t;
         }
         finish_run(Mode::Baseline, params, vms, None, events)
     }
@@ -406,14 +501,25 @@ const ABSENT: u8 = 0;
 const IN_FLIGHT: u8 = 1;
 const PRESENT: u8 = 2;
 
+/// Why a node fetches a block (the snapshotter's `Purpose`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    /// A container read or a child's (or sibling's) urgent request: holds prefetch back.
+    OnDemand,
+    /// Read-ahead: urgent upstream, but does not hold prefetch back.
+    ReadAhead,
+    /// Background prefetch (own, or a child's): lowest priority, never split.
+    Prefetch,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Waiter {
     /// The VM's container read is blocked on the block.
     Reader,
-    /// A child asked for the block.
+    /// A child (or the sibling) asked for the block.
     Child(usize),
-    /// A prefetch worker.
-    Prefetch,
+    /// A prefetch worker of a layer.
+    Prefetch(usize),
 }
 
 #[derive(Debug)]
@@ -421,6 +527,10 @@ struct Fetch {
     priority: Priority,
     flow: Option<FlowId>,
     waiters: Vec<Waiter>,
+    /// Who sends it: a VM (parent or sibling), or the registry when `None`.
+    server: Option<usize>,
+    /// Counted in the node's on-demand gate (prefetch waits while any is in flight).
+    gated: bool,
 }
 
 /// The on-demand and function-tree engine.
@@ -429,11 +539,16 @@ struct Lazy<'a> {
     n: usize,
     /// Blocks flattened over the layers: (layer, index in layer, stored size).
     blocks: Vec<(usize, usize, u64)>,
-    layer_start: Vec<usize>,
     layer_len: Vec<usize>,
     reads: Vec<usize>,
-    prefetch_order: Vec<usize>,
+    /// Per read: exclusive end (global block index) of the read-ahead window's bound (the
+    /// file's end, else the layer's).
+    read_bound: Vec<usize>,
+    /// Per layer: its blocks in prefetch order (global indices).
+    prefetch_order: Vec<Vec<usize>>,
     layout: Option<TreeLayout>,
+    /// Per VM: (side, sibling) when its parent has two children and sibling exchange is on.
+    split: Vec<Option<(usize, usize)>>,
     net: Network,
     registry: usize,
     timers: Timers,
@@ -441,10 +556,17 @@ struct Lazy<'a> {
     state: Vec<u8>,
     fetches: HashMap<usize, Fetch>,
     reader_pos: Vec<usize>,
+    /// Per (vm, layer): next position in the layer's prefetch order.
     prefetch_next: Vec<usize>,
+    /// Per (vm, layer): prefetch fetches in flight.
     prefetch_active: Vec<usize>,
+    /// Per VM: on-demand fetches in flight, when the last one ended, and whether a wake-up
+    /// of its prefetch is scheduled.
+    gate_in_flight: Vec<usize>,
+    gate_last_done: Vec<f64>,
+    wake_pending: Vec<bool>,
     vms: Vec<VmResult>,
-    started: usize,
+    ready: usize,
     events: u64,
 }
 
@@ -463,42 +585,82 @@ impl<'a> Lazy<'a> {
             .iter()
             .map(|&(l, b)| layer_start[l] + b)
             .collect();
-        // Prefetch order as the snapshotter's: recorded access order first, then the rest.
+        let read_bound: Vec<usize> = trace
+            .start_reads
+            .iter()
+            .enumerate()
+            .map(|(i, &(l, _))| {
+                let end = trace
+                    .file_ends
+                    .get(i)
+                    .map_or(layer_len[l], |&e| e.min(layer_len[l]));
+                layer_start[l] + end
+            })
+            .collect();
+        // Prefetch order as the snapshotter's, per layer: recorded access order first (if
+        // the node has a record), then the rest in index order.
         let mut seen = vec![false; blocks.len()];
-        let mut prefetch_order = Vec::with_capacity(blocks.len());
-        for &g in &reads {
-            if !seen[g] {
-                seen[g] = true;
-                prefetch_order.push(g);
+        let mut prefetch_order = vec![Vec::new(); layer_len.len()];
+        if params.prefetch_recorded_order {
+            for &g in &reads {
+                if !seen[g] {
+                    seen[g] = true;
+                    prefetch_order[blocks[g].0].push(g);
+                }
             }
         }
-        prefetch_order.extend((0..blocks.len()).filter(|&g| !seen[g]));
+        for g in 0..blocks.len() {
+            if !seen[g] {
+                prefetch_order[blocks[g].0].push(g);
+            }
+        }
         let n = params.n_vms;
+        let mut split = vec![None; n];
+        if let (Some(l), true) = (&layout, params.sibling_exchange) {
+            let mut children: Vec<Vec<usize>> = vec![Vec::new(); n];
+            for (vm, p) in l.parent.iter().enumerate() {
+                if let Some(p) = p {
+                    children[*p].push(vm);
+                }
+            }
+            for c in children {
+                // The first child (the left one, odd heap position) is side 0.
+                if let [a, b] = c[..] {
+                    split[a] = Some((0, b));
+                    split[b] = Some((1, a));
+                }
+            }
+        }
         let mut net = Network::new();
         for _ in 0..n {
             net.add_node(params.vm_link_bps, params.vm_link_bps);
         }
         let registry = net.add_node(params.registry_egress_bps, f64::INFINITY);
         let vms = empty_vms(n, layout.as_ref());
+        let layers = layer_len.len();
         Lazy {
             params,
             n,
             state: vec![ABSENT; n * blocks.len()],
             blocks,
-            layer_start,
             layer_len,
             reads,
+            read_bound,
             prefetch_order,
             layout,
+            split,
             net,
             registry,
             timers: Timers::default(),
             fetches: HashMap::new(),
             reader_pos: vec![0; n],
-            prefetch_next: vec![0; n],
-            prefetch_active: vec![0; n],
+            prefetch_next: vec![0; n * layers],
+            prefetch_active: vec![0; n * layers],
+            gate_in_flight: vec![0; n],
+            gate_last_done: vec![f64::NEG_INFINITY; n],
+            wake_pending: vec![false; n],
             vms,
-            started: 0,
+            ready: 0,
             events: 0,
         }
     }
@@ -511,52 +673,93 @@ impl<'a> Lazy<'a> {
         self.layout.as_ref().and_then(|l| l.parent[vm])
     }
 
+    /// Who `vm` asks for `block`: the registry (`None`) at the root or without a tree; else
+    /// the parent, or the sibling for the other side's half of an urgent fetch.
+    fn upstream(&self, vm: usize, block: usize, purpose: Purpose) -> Option<usize> {
+        let parent = self.parent(vm)?;
+        match self.split[vm] {
+            Some((side, sibling))
+                if purpose != Purpose::Prefetch && self.blocks[block].1 % 2 != side =>
+            {
+                Some(sibling)
+            }
+            _ => Some(parent),
+        }
+    }
+
+    fn handle(&mut self, next: Next) {
+        self.events += 1;
+        match next {
+            Next::Flow(f) => self.flow_done(f),
+            Next::Timer(Timer::StartFlow { src, dst, block }) => {
+                let k = self.key(dst, block);
+                let fetch = self.fetches.get_mut(&k).expect("fetch in flight");
+                let src_node = src.unwrap_or(self.registry);
+                let size = self.blocks[block].2 as f64;
+                fetch.flow =
+                    Some(
+                        self.net
+                            .start_flow(src_node, dst, size, fetch.priority, k as u64),
+                    );
+            }
+            Next::Timer(Timer::Serve {
+                server,
+                child,
+                block,
+            }) => self.serve(server, child, block),
+            Next::Timer(Timer::PrefetchWake { vm }) => {
+                self.wake_pending[vm] = false;
+                self.pump_prefetch(vm);
+            }
+            Next::Timer(Timer::StartPull { .. }) => unreachable!("lazy modes do not pull"),
+        }
+    }
+
     fn run(mut self, mode: Mode) -> Result<RunResult> {
         for vm in 0..self.n {
             self.advance_reader(vm);
-            if self.params.prefetch {
+        }
+        if self.params.prefetch {
+            for vm in 0..self.n {
                 self.pump_prefetch(vm);
             }
         }
-        while self.started < self.n {
+        while self.ready < self.n {
             let Some(next) = next_event(&mut self.net, &mut self.timers) else {
                 return Err(SimError::Invalid(
-                    "simulation stalled before every VM started (model bug)".into(),
+                    "simulation stalled before every VM had its data (model bug)".into(),
                 ));
             };
-            self.events += 1;
-            match next {
-                Next::Flow(f) => self.flow_done(f),
-                Next::Timer(Timer::StartFlow { src, dst, block }) => {
-                    let k = self.key(dst, block);
-                    let fetch = self.fetches.get_mut(&k).expect("fetch in flight");
-                    let src_node = src.unwrap_or(self.registry);
-                    let size = self.blocks[block].2 as f64;
-                    fetch.flow =
-                        Some(
-                            self.net
-                                .start_flow(src_node, dst, size, fetch.priority, k as u64),
-                        );
-                }
-                Next::Timer(Timer::Serve {
-                    server,
-                    child,
-                    block,
-                }) => self.serve(server, child, block),
-                Next::Timer(Timer::Started { vm }) => {
-                    self.vms[vm].start_s = self.net.now();
-                    self.started += 1;
-                }
-                Next::Timer(Timer::StartPull { .. }) => unreachable!("lazy modes do not pull"),
-            }
+            self.handle(next);
+        }
+        // The container starts: CPU work after the data is there (shared, if so set).
+        let jobs: Vec<(f64, f64)> = self
+            .vms
+            .iter()
+            .map(|v| (v.data_ready_s, self.params.h0_s))
+            .collect();
+        let starts = cpu_finish_times(&jobs, self.params.host_cores);
+        let last = starts.iter().copied().fold(0.0, f64::max);
+        for (v, t) in self.vms.iter_mut().zip(starts) {
+            v.start_s = t;
+        }
+        // Byte counters cover what moved until the last start.
+        while peek_time(&mut self.net, &self.timers).is_some_and(|t| t <= last) {
+            let next = next_event(&mut self.net, &mut self.timers).expect("peeked");
+            self.handle(next);
         }
         let height = self.layout.as_ref().map(|l| l.height);
         Ok(finish_run(mode, self.params, self.vms, height, self.events))
     }
 
     /// Makes sure `vm` is getting `block`, with `waiter` told when it arrives.
-    fn fetch(&mut self, vm: usize, block: usize, priority: Priority, waiter: Option<Waiter>) {
+    fn fetch(&mut self, vm: usize, block: usize, purpose: Purpose, waiter: Option<Waiter>) {
         let k = self.key(vm, block);
+        let priority = if purpose == Purpose::Prefetch {
+            Priority::Background
+        } else {
+            Priority::Urgent
+        };
         match self.state[k] {
             PRESENT => unreachable!("callers check for present blocks"),
             IN_FLIGHT => {
@@ -569,17 +772,24 @@ impl<'a> Lazy<'a> {
             }
             _ => {
                 self.state[k] = IN_FLIGHT;
+                let server = self.upstream(vm, block, purpose);
+                let gated = purpose == Purpose::OnDemand;
+                if gated {
+                    self.gate_in_flight[vm] += 1;
+                }
                 self.fetches.insert(
                     k,
                     Fetch {
                         priority,
                         flow: None,
                         waiters: waiter.into_iter().collect(),
+                        server,
+                        gated,
                     },
                 );
                 let now = self.net.now();
                 let rtt = self.params.rtt_s;
-                match self.parent(vm) {
+                match server {
                     None => self.timers.at(
                         now + rtt,
                         Timer::StartFlow {
@@ -588,10 +798,10 @@ impl<'a> Lazy<'a> {
                             block,
                         },
                     ),
-                    Some(p) => self.timers.at(
+                    Some(s) => self.timers.at(
                         now + rtt / 2.0,
                         Timer::Serve {
-                            server: p,
+                            server: s,
                             child: vm,
                             block,
                         },
@@ -611,19 +821,18 @@ impl<'a> Lazy<'a> {
             return;
         }
         fetch.priority = Priority::Urgent;
-        match fetch.flow {
-            Some(f) => self.net.set_priority(f, Priority::Urgent),
-            None => {
-                if let Some(p) = self.parent(vm) {
-                    if self.state[self.key(p, block)] == IN_FLIGHT {
-                        self.upgrade(p, block);
-                    }
+        match (fetch.flow, fetch.server) {
+            (Some(f), _) => self.net.set_priority(f, Priority::Urgent),
+            (None, Some(s)) => {
+                if self.state[self.key(s, block)] == IN_FLIGHT {
+                    self.upgrade(s, block);
                 }
             }
+            (None, None) => {}
         }
     }
 
-    /// A child's request for `block` reached `server`.
+    /// A child's (or sibling's) request for `block` reached `server`.
     fn serve(&mut self, server: usize, child: usize, block: usize) {
         let priority = self.fetches[&self.key(child, block)].priority;
         if self.state[self.key(server, block)] == PRESENT {
@@ -636,7 +845,12 @@ impl<'a> Lazy<'a> {
                 },
             );
         } else {
-            self.fetch(server, block, priority, Some(Waiter::Child(child)));
+            let purpose = if priority == Priority::Urgent {
+                Purpose::OnDemand
+            } else {
+                Purpose::Prefetch
+            };
+            self.fetch(server, block, purpose, Some(Waiter::Child(child)));
         }
     }
 
@@ -653,6 +867,13 @@ impl<'a> Lazy<'a> {
             self.vms[done.src].served_bytes += bytes;
         }
         let fetch = self.fetches.remove(&k).expect("fetch in flight");
+        if fetch.gated {
+            self.gate_in_flight[vm] -= 1;
+            if self.gate_in_flight[vm] == 0 {
+                self.gate_last_done[vm] = self.net.now();
+                self.schedule_wake(vm);
+            }
+        }
         for w in fetch.waiters {
             match w {
                 Waiter::Reader => {
@@ -667,52 +888,96 @@ impl<'a> Lazy<'a> {
                         block,
                     },
                 ),
-                Waiter::Prefetch => {
-                    self.prefetch_active[vm] -= 1;
+                Waiter::Prefetch(layer) => {
+                    self.prefetch_active[vm * self.layer_len.len() + layer] -= 1;
                     self.pump_prefetch(vm);
                 }
             }
         }
     }
 
-    /// Walks the VM's start reads until one must wait for a block.
-    fn advance_reader(&mut self, vm: usize) {
-        while let Some(&g) = self.reads.get(self.reader_pos[vm]) {
-            if self.state[self.key(vm, g)] == PRESENT {
-                self.reader_pos[vm] += 1;
-                continue;
+    /// Read-ahead of the read at `pos`: the next `readahead_blocks` blocks, up to the end of
+    /// the file being read (urgent, but not holding prefetch back).
+    fn read_ahead(&mut self, vm: usize, pos: usize) {
+        let g = self.reads[pos];
+        let end = (g + 1 + self.params.readahead_blocks).min(self.read_bound[pos]);
+        for ra in g + 1..end {
+            if self.state[self.key(vm, ra)] == ABSENT {
+                self.fetch(vm, ra, Purpose::ReadAhead, None);
             }
-            self.fetch(vm, g, Priority::Urgent, Some(Waiter::Reader));
-            // Read-ahead: the next blocks of the same layer, fetched along (urgent).
-            let (layer, index, _) = self.blocks[g];
-            let end = (index + 1 + self.params.readahead_blocks).min(self.layer_len[layer]);
-            for i in index + 1..end {
-                let ra = self.layer_start[layer] + i;
-                if self.state[self.key(vm, ra)] == ABSENT {
-                    self.fetch(vm, ra, Priority::Urgent, None);
-                }
-            }
-            return;
-        }
-        if self.reader_pos[vm] == self.reads.len() && self.vms[vm].data_ready_s.is_nan() {
-            let now = self.net.now();
-            self.vms[vm].data_ready_s = now;
-            self.timers
-                .at(now + self.params.h0_s, Timer::Started { vm });
         }
     }
 
-    /// Keeps the VM's prefetch workers busy.
-    fn pump_prefetch(&mut self, vm: usize) {
-        let workers = self.params.prefetch_concurrency.max(1) * self.layer_len.len().max(1);
-        while self.prefetch_active[vm] < workers {
-            let Some(&g) = self.prefetch_order.get(self.prefetch_next[vm]) else {
+    /// Walks the VM's start reads until one must wait for a block. Every read starts its
+    /// read-ahead, whether its own block is there or not (as `BlockStore::read_at`).
+    fn advance_reader(&mut self, vm: usize) {
+        while let Some(&g) = self.reads.get(self.reader_pos[vm]) {
+            let pos = self.reader_pos[vm];
+            let present = self.state[self.key(vm, g)] == PRESENT;
+            if !present {
+                self.fetch(vm, g, Purpose::OnDemand, Some(Waiter::Reader));
+            }
+            self.read_ahead(vm, pos);
+            if !present {
                 return;
-            };
-            self.prefetch_next[vm] += 1;
-            if self.state[self.key(vm, g)] == ABSENT {
-                self.prefetch_active[vm] += 1;
-                self.fetch(vm, g, Priority::Background, Some(Waiter::Prefetch));
+            }
+            self.reader_pos[vm] += 1;
+        }
+        if self.reader_pos[vm] == self.reads.len() && self.vms[vm].data_ready_s.is_nan() {
+            self.vms[vm].data_ready_s = self.net.now();
+            self.ready += 1;
+        }
+    }
+
+    /// Whether prefetch may fetch on `vm` now; if not, makes sure it is woken up in time.
+    fn quiet(&mut self, vm: usize) -> bool {
+        if self.gate_in_flight[vm] > 0 {
+            return false; // woken when the last on-demand fetch ends
+        }
+        let at = self.gate_last_done[vm] + self.params.prefetch_quiet_s;
+        if self.net.now() >= at - 1e-12 {
+            return true;
+        }
+        self.schedule_wake(vm);
+        false
+    }
+
+    fn schedule_wake(&mut self, vm: usize) {
+        if self.params.prefetch && !self.wake_pending[vm] {
+            self.wake_pending[vm] = true;
+            let at = self.gate_last_done[vm] + self.params.prefetch_quiet_s;
+            self.timers
+                .at(at.max(self.net.now()), Timer::PrefetchWake { vm });
+        }
+    }
+
+    /// Keeps the VM's prefetch workers (per layer) busy while the node is quiet.
+    fn pump_prefetch(&mut self, vm: usize) {
+        if !self.params.prefetch {
+            return;
+        }
+        let layers = self.layer_len.len();
+        let workers = self.params.prefetch_concurrency.max(1);
+        for layer in 0..layers {
+            let slot = vm * layers + layer;
+            while self.prefetch_active[slot] < workers {
+                // The worker skips blocks held or in flight, then waits for quiet.
+                let order = &self.prefetch_order[layer];
+                let mut pos = self.prefetch_next[slot];
+                while pos < order.len() && self.state[vm * self.blocks.len() + order[pos]] != ABSENT
+                {
+                    pos += 1;
+                }
+                self.prefetch_next[slot] = pos;
+                let Some(&g) = self.prefetch_order[layer].get(pos) else {
+                    break;
+                };
+                if !self.quiet(vm) {
+                    return;
+                }
+                self.prefetch_next[slot] += 1;
+                self.prefetch_active[slot] += 1;
+                self.fetch(vm, g, Purpose::Prefetch, Some(Waiter::Prefetch(layer)));
             }
         }
     }
@@ -734,6 +999,7 @@ mod tests {
                 blocks: vec![size; blocks],
             }],
             start_reads: reads.iter().map(|&b| (0, b)).collect(),
+            file_ends: Vec::new(),
         }
     }
 
@@ -750,6 +1016,10 @@ mod tests {
             prefetch_concurrency: 1,
             containers_per_vm: 1.0,
             vm_cores: 2,
+            sibling_exchange: false,
+            prefetch_quiet_s: 0.0,
+            prefetch_recorded_order: true,
+            host_cores: None,
         }
     }
 
@@ -775,12 +1045,103 @@ mod tests {
         let r = simulate(Mode::Ondemand, &params(1), &t).unwrap();
         assert!(close(r.max_s, 3.0 + 1.0), "{}", r.max_s);
         assert_eq!(r.registry_bytes, 300);
-        // Read-ahead of 2 after block 3 brings 4 too, and 2 after block 1 (2 and 3 present
-        // or in flight): blocks 1..=5, fetched 3 at a time.
+        // Every read starts a read-ahead of 2: read 3 brings 4 and 5, read 1 brings 2,
+        // read 4 (already there) brings 6: blocks 1..=6.
         let mut p = params(1);
         p.readahead_blocks = 2;
         let r = simulate(Mode::Ondemand, &p, &t).unwrap();
-        assert_eq!(r.registry_bytes, 500);
+        assert_eq!(r.registry_bytes, 600);
+        // Read-ahead stops at the end of the file being read: files [1, 2) and [3, 5).
+        let mut bounded = t.clone();
+        bounded.file_ends = vec![5, 2, 5];
+        let r = simulate(Mode::Ondemand, &p, &bounded).unwrap();
+        assert_eq!(r.registry_bytes, 300);
+        // A cap of 0 blocks after each read: no read-ahead at all.
+        let r = simulate(Mode::Ondemand, &p, &t.with_readahead_cap(0)).unwrap();
+        assert_eq!(r.registry_bytes, 300);
+    }
+
+    #[test]
+    fn sibling_exchange_halves_the_parents_uplink_load() {
+        // Root + two children, 4 blocks of 100 B at 100 B/s, no latency.
+        let t = trace(4, 100, &[0, 1, 2, 3]);
+        let mut p = params(3);
+        let without = simulate(Mode::Faasnet, &p, &t).unwrap();
+        p.sibling_exchange = true;
+        let with = simulate(Mode::Faasnet, &p, &t).unwrap();
+        // Without: each child gets the root's uplink half the time (10 s, see
+        // faasnet_pipelines_down_the_tree). With: the root sends each block once (800 ->
+        // 400 B served), and the children pass the other half to each other.
+        assert_eq!(without.vms[0].served_bytes, 800);
+        assert_eq!(with.vms[0].served_bytes, 400);
+        assert_eq!(with.vms[1].served_bytes, 200);
+        assert_eq!(with.vms[2].served_bytes, 200);
+        assert_eq!(with.peer_bytes, 800);
+        // Reads strictly one after another (no read-ahead) are latency-bound either way.
+        assert!(with.max_s <= without.max_s + 1e-9);
+        // With read-ahead the children's uplinks carry half the data: a lower max.
+        let t = trace(64, 100, &(0..48).collect::<Vec<_>>());
+        let mut p = params(7);
+        p.readahead_blocks = 8;
+        let without = simulate(Mode::Faasnet, &p, &t).unwrap();
+        p.sibling_exchange = true;
+        let with = simulate(Mode::Faasnet, &p, &t).unwrap();
+        assert!(
+            with.max_s < 0.85 * without.max_s,
+            "{} vs {}",
+            with.max_s,
+            without.max_s
+        );
+        // An only child fetches everything from its parent.
+        p.n_vms = 2;
+        let only = simulate(Mode::Faasnet, &p, &t).unwrap();
+        assert_eq!(only.vms[0].served_bytes, only.vms[1].peer_bytes);
+        assert_eq!(only.vms[1].served_bytes, 0);
+    }
+
+    #[test]
+    fn prefetch_waits_for_a_quiet_node() {
+        // Reads of blocks 0 and 5 with 2 s of nothing in between is not modelled (reads
+        // follow each other at once), so look at when prefetch starts: not before 0.5 s
+        // after the last on-demand fetch.
+        let t = trace(10, 100, &[0, 1]);
+        let mut p = params(1);
+        p.prefetch = true;
+        p.prefetch_quiet_s = 0.5;
+        p.prefetch_recorded_order = false;
+        let r = simulate(Mode::Ondemand, &p, &t).unwrap();
+        // Reads end at 2 s; the start at 3 s; prefetch from 2.5 s: 0.5 s of block 2 done.
+        assert!(close(r.max_s, 3.0), "{}", r.max_s);
+        assert_eq!(r.registry_bytes, 200);
+        p.prefetch_quiet_s = 0.0;
+        let r = simulate(Mode::Ondemand, &p, &t).unwrap();
+        // Without the quiet period prefetch starts at 2 s and block 2 is in by 3 s.
+        assert_eq!(r.registry_bytes, 300);
+    }
+
+    #[test]
+    fn shared_cpu_is_processor_sharing() {
+        // Two jobs of 1 s at 0 on 1 core: both end at 2 s; a third at 3 s runs alone.
+        let t = cpu_finish_times(&[(0.0, 1.0), (0.0, 1.0), (3.0, 1.0)], Some(1.0));
+        assert!(
+            close(t[0], 2.0) && close(t[1], 2.0) && close(t[2], 4.0),
+            "{t:?}"
+        );
+        // Two cores: at most one core per job.
+        let t = cpu_finish_times(&[(0.0, 1.0), (0.0, 1.0), (0.5, 1.0)], Some(2.0));
+        // 0..0.5 both at 1; then three share 2 cores (2/3 each): the first two have 0.5
+        // left, done at 0.5 + 0.75 = 1.25; the third has 0.5 left, alone at 1: 1.75.
+        assert!(close(t[0], 1.25) && close(t[2], 1.75), "{t:?}");
+        assert_eq!(cpu_finish_times(&[(1.0, 2.0)], None), vec![3.0]);
+        let t = trace(4, 100, &[0]);
+        let mut p = params(4);
+        p.host_cores = Some(2.0);
+        p.h0_s = 1.0;
+        // Four baseline VMs pull 400 B each (4 s at their 100 B/s links), then unpack
+        // (800 B at 200 B/s: 4 s) and start (1 s) on 2 shared cores: 5 s of work each at
+        // half a core.
+        let r = simulate(Mode::Baseline, &p, &t).unwrap();
+        assert!(close(r.max_s, 4.0 + 10.0), "{}", r.max_s);
     }
 
     #[test]

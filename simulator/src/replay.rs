@@ -33,6 +33,8 @@ pub struct PaperAssumptions {
     pub rtt_s: f64,
     /// Layers of the image.
     pub layers: usize,
+    /// Sibling exchange between the children of a parent (the snapshotter's default).
+    pub sibling_exchange: bool,
 }
 
 impl Default for PaperAssumptions {
@@ -52,6 +54,7 @@ impl Default for PaperAssumptions {
             // Same-region VMs.
             rtt_s: 0.0005,
             layers: 5,
+            sibling_exchange: true,
         }
     }
 }
@@ -82,6 +85,7 @@ impl PaperAssumptions {
             rtt_s: self.rtt_s,
             h0_s: self.h0_s,
             unpack_bps: self.unpack_bps,
+            sibling_exchange: self.sibling_exchange,
             ..Params::default()
         }
     }

@@ -34,6 +34,9 @@ fn default_one_f() -> f64 {
 fn default_cores() -> usize {
     2
 }
+fn default_quiet_ms() -> f64 {
+    500.0
+}
 
 /// One scenario.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -81,6 +84,18 @@ pub struct Scenario {
     /// vCPUs per VM.
     #[serde(default = "default_cores")]
     pub vm_cores: usize,
+    /// Sibling exchange between the two children of a parent (the snapshotter's default).
+    #[serde(default = "default_true")]
+    pub sibling_exchange: bool,
+    /// Prefetch waits until no on-demand fetch ran on the node for this long, ms.
+    #[serde(default = "default_quiet_ms")]
+    pub prefetch_quiet_ms: f64,
+    /// Prefetch takes the recorded access order first (false: a fresh node, index order).
+    #[serde(default = "default_true")]
+    pub prefetch_recorded_order: bool,
+    /// Cores shared by all VMs' CPU work (container start, unpack); absent: no sharing.
+    #[serde(default)]
+    pub host_cores: Option<f64>,
     /// A block trace file (relative to the scenario file); else the synthetic image below.
     #[serde(default)]
     pub trace: Option<PathBuf>,
@@ -145,6 +160,10 @@ impl Scenario {
             prefetch_concurrency: self.prefetch_concurrency,
             containers_per_vm: self.containers_per_vm,
             vm_cores: self.vm_cores,
+            sibling_exchange: self.sibling_exchange,
+            prefetch_quiet_s: self.prefetch_quiet_ms / 1000.0,
+            prefetch_recorded_order: self.prefetch_recorded_order,
+            host_cores: self.host_cores,
         }
     }
 

@@ -19,7 +19,7 @@ use faasnet_format::{parse_tail, parse_toc_frame, TailParse, Toc, DEFAULT_TAIL_F
 use crate::error::{Result, SimError};
 
 /// One layer of a trace.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TraceLayer {
     /// The converted layer's digest (informational).
     #[serde(default)]
@@ -29,7 +29,7 @@ pub struct TraceLayer {
 }
 
 /// The block trace file (JSON), as the benchmark writes it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockTrace {
     /// Image reference (informational).
     #[serde(default)]
@@ -44,6 +44,11 @@ pub struct BlockTrace {
     pub layers: Vec<TraceLayer>,
     /// `[layer, block]` pairs the function's start reads, in order (the working set).
     pub start_reads: Vec<(usize, usize)>,
+    /// Per start read (same length as `start_reads`, or empty when unknown): the block after
+    /// the last block of the file that read is in (exclusive end, index in the layer). The
+    /// snapshotter's read-ahead stops there. Empty: read-ahead is bounded by the layer only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub file_ends: Vec<usize>,
 }
 
 impl BlockTrace {
@@ -69,6 +74,13 @@ impl BlockTrace {
         if self.block_size == 0 {
             return Err(SimError::Invalid("block_size is 0".into()));
         }
+        if !self.file_ends.is_empty() && self.file_ends.len() != self.start_reads.len() {
+            return Err(SimError::Invalid(format!(
+                "file_ends has {} entries, start_reads {}",
+                self.file_ends.len(),
+                self.start_reads.len()
+            )));
+        }
         for &(l, b) in &self.start_reads {
             let ok = self
                 .layers
@@ -91,6 +103,24 @@ impl BlockTrace {
     /// Sum of the compressed block sizes (the converted image without TOCs).
     pub fn converted_bytes(&self) -> u64 {
         self.layers.iter().flat_map(|l| &l.blocks).sum()
+    }
+
+    /// A copy whose read-ahead stops at most `cap` blocks after each read (its file ends
+    /// set to that, or kept when the file ends earlier): how a trace without file boundaries
+    /// is made to fetch the measured working set.
+    pub fn with_readahead_cap(&self, cap: usize) -> BlockTrace {
+        let mut t = self.clone();
+        t.file_ends = self
+            .start_reads
+            .iter()
+            .enumerate()
+            .map(|(i, &(l, b))| {
+                let len = self.layers[l].blocks.len();
+                let known = self.file_ends.get(i).copied().unwrap_or(len);
+                known.min(b + 1 + cap).min(len)
+            })
+            .collect();
+        t
     }
 
     /// Compressed bytes of the distinct blocks the start reads.
@@ -163,7 +193,7 @@ pub fn synthetic(img: &SyntheticImage, block_size: u64) -> Result<BlockTrace> {
     }
     trace_layers.retain(|l| !l.blocks.is_empty());
     let ws_blocks = (img.working_set_bytes.div_ceil(block_size) as usize).min(total_blocks);
-    let start_reads = pick_working_set(
+    let (start_reads, file_ends) = pick_working_set(
         &trace_layers
             .iter()
             .map(|l| l.blocks.len())
@@ -182,17 +212,19 @@ pub fn synthetic(img: &SyntheticImage, block_size: u64) -> Result<BlockTrace> {
         original_uncompressed_bytes: img.image_bytes,
         layers: trace_layers,
         start_reads,
+        file_ends,
     })
 }
 
 /// Chooses `want` distinct blocks as runs of consecutive blocks at random places, in a
-/// random order of runs (blocks inside a run in index order, as a file is read).
+/// random order of runs (blocks inside a run in index order, as a file is read). Returns the
+/// reads and, per read, the end of its run (its file) in its layer.
 fn pick_working_set(
     layer_blocks: &[usize],
     want: usize,
     max_run: usize,
     seed: u64,
-) -> Vec<(usize, usize)> {
+) -> (Vec<(usize, usize)>, Vec<usize>) {
     let total: usize = layer_blocks.iter().sum();
     let want = want.min(total);
     let mut rng = StdRng::seed_from_u64(seed);
@@ -236,13 +268,18 @@ fn pick_working_set(
         starts.push(acc);
         acc += n;
     }
-    runs.into_iter()
-        .flatten()
-        .map(|g| {
+    let mut reads = Vec::with_capacity(want);
+    let mut ends = Vec::with_capacity(want);
+    for run in runs {
+        // A run is one file: read-ahead stops at its end (or its layer's).
+        let run_end = run.last().map_or(0, |&g| g + 1);
+        for g in run {
             let l = starts.partition_point(|&s| s <= g) - 1;
-            (l, g - starts[l])
-        })
-        .collect()
+            reads.push((l, g - starts[l]));
+            ends.push(run_end.min(starts[l] + layer_blocks[l]) - starts[l]);
+        }
+    }
+    (reads, ends)
 }
 
 /// Reads the TOC of a converted layer blob on disk.
@@ -284,6 +321,7 @@ pub fn from_blobs(
 ) -> Result<BlockTrace> {
     let mut layers = Vec::new();
     let mut start_reads = Vec::new();
+    let mut file_ends = Vec::new();
     let mut block_size = 0u64;
     let (mut gz, mut raw) = (0u64, 0u64);
     for (i, blob) in blobs.iter().enumerate() {
@@ -305,6 +343,7 @@ pub fn from_blobs(
             digest,
             blocks: toc.blocks.iter().map(|b| b.stored_len).collect(),
         });
+        let ends = file_ends_of(&toc);
         match access_orders.get(i).and_then(|o| o.as_ref()) {
             Some(order) => {
                 let mut seen = HashSet::new();
@@ -312,13 +351,17 @@ pub fn from_blobs(
                     let b = b as usize;
                     if b < n && seen.insert(b) {
                         start_reads.push((i, b));
+                        file_ends.push(ends[b]);
                     }
                 }
             }
             None => {
                 let want = ((n as f64) * fallback_fraction).ceil() as usize;
-                let picked = pick_working_set(&[n], want, 16, seed.wrapping_add(i as u64));
-                start_reads.extend(picked.into_iter().map(|(_, b)| (i, b)));
+                let (picked, _) = pick_working_set(&[n], want, 16, seed.wrapping_add(i as u64));
+                for (_, b) in picked {
+                    start_reads.push((i, b));
+                    file_ends.push(ends[b]);
+                }
             }
         }
     }
@@ -329,9 +372,34 @@ pub fn from_blobs(
         original_uncompressed_bytes: raw,
         layers,
         start_reads,
+        file_ends,
     };
     trace.validate()?;
     Ok(trace)
+}
+
+/// Per block of a layer, the end (exclusive block index) of the file a read of that block
+/// is taken to be in: the largest regular file with data in the block. The access-order
+/// record names blocks, not files; a block the start reads in a big file is most likely
+/// read for that file, and for small files the choice hardly matters (they end in the block
+/// or the next). A block with no file data ends at itself + 1 (no read-ahead).
+pub fn file_ends_of(toc: &Toc) -> Vec<usize> {
+    let n = toc.blocks.len();
+    let bs = toc.block_size.max(1) as u64;
+    let mut best: Vec<(u64, usize)> = (0..n).map(|b| (0, b + 1)).collect();
+    for e in &toc.entries {
+        if e.kind != faasnet_format::EntryKind::File || e.size == 0 {
+            continue;
+        }
+        let first = (e.offset / bs) as usize;
+        let end = ((e.offset + e.size).div_ceil(bs) as usize).min(n);
+        for slot in best.iter_mut().take(end).skip(first) {
+            if e.size > slot.0 {
+                *slot = (e.size, end);
+            }
+        }
+    }
+    best.into_iter().map(|(_, end)| end).collect()
 }
 
 #[cfg(test)]
@@ -363,9 +431,14 @@ mod tests {
 
     #[test]
     fn whole_image_working_set_is_possible() {
-        let sets = pick_working_set(&[5, 7], 12, 4, 3);
+        let (sets, ends) = pick_working_set(&[5, 7], 12, 4, 3);
         let distinct: HashSet<_> = sets.iter().collect();
         assert_eq!(distinct.len(), 12);
+        // Every read's file ends after it, inside its layer.
+        let len = [5, 7];
+        for (&(l, b), &e) in sets.iter().zip(&ends) {
+            assert!(b < e && e <= len[l], "{l} {b} {e}");
+        }
     }
 
     #[test]
@@ -417,6 +490,8 @@ mod tests {
         .unwrap();
         assert_eq!(t.block_size, 65_536);
         assert_eq!(t.start_reads, vec![(0, 2), (0, 0)]);
+        // One file from byte 512 to 300,512: blocks 0..5, so read-ahead may run to 5.
+        assert_eq!(t.file_ends, vec![5, 5]);
         assert_eq!(t.original_uncompressed_bytes, tar_bytes.len() as u64);
         let t = from_blobs(&[blob], &[None], 0.5, 1).unwrap();
         assert_eq!(t.start_reads.len(), t.block_count().div_ceil(2));
