@@ -696,11 +696,14 @@ impl<'a> Lazy<'a> {
                 let fetch = self.fetches.get_mut(&k).expect("fetch in flight");
                 let src_node = src.unwrap_or(self.registry);
                 let size = self.blocks[block].2 as f64;
-                fetch.flow =
-                    Some(
-                        self.net
-                            .start_flow(src_node, dst, size, fetch.priority, k as u64),
-                    );
+                // Only our peer servers hold prefetch back; the registry (an HTTP server
+                // behind a FIFO egress) sends every response alike.
+                let class = if src.is_some() {
+                    fetch.priority
+                } else {
+                    Priority::Urgent
+                };
+                fetch.flow = Some(self.net.start_flow(src_node, dst, size, class, k as u64));
             }
             Next::Timer(Timer::Serve {
                 server,
