@@ -174,6 +174,8 @@ impl MemCache {
 #[derive(Default)]
 struct Flights {
     in_flight: HashMap<usize, Flight>,
+    /// The tasks of in-flight prefetch fetches, so that an urgent read can take their place.
+    prefetching: HashMap<usize, tokio::task::AbortHandle>,
     /// Fetched and verified, being written to disk: served from here meanwhile.
     unpersisted: HashMap<usize, Bytes>,
 }
@@ -301,10 +303,10 @@ impl BlockStore {
                 self.metrics.obtained(Source::Cache, b.len() as u64);
                 return Ok(b.clone());
             }
-            match f.in_flight.get(&index) {
-                Some(flight) => Some(flight.clone()),
-                None if self.disk.has(index) => None,
-                None => Some(self.start_fetch(&mut f, index, entry.clone(), purpose)),
+            match f.in_flight.contains_key(&index) {
+                true => Some(self.join_or_start(&mut f, index, &entry, purpose)),
+                false if self.disk.has(index) => None,
+                false => Some(self.start_fetch(&mut f, index, entry.clone(), purpose)),
             }
         };
         if let Some(flight) = flight {
@@ -319,10 +321,7 @@ impl BlockStore {
             Ok(None) | Err(_) => {
                 let flight = {
                     let mut f = self.flights.lock().unwrap();
-                    match f.in_flight.get(&index) {
-                        Some(flight) => flight.clone(),
-                        None => self.start_fetch(&mut f, index, entry, purpose),
-                    }
+                    self.join_or_start(&mut f, index, &entry, purpose)
                 };
                 flight.await.map_err(LazyError::Shared)
             }
@@ -351,6 +350,32 @@ impl BlockStore {
         .map_err(|e| LazyError::io("disk cache read task", std::io::Error::other(e)))?
     }
 
+    /// The flight of block `index`: the one in the air, or a new one. An urgent read does not
+    /// join a prefetch fetch: upstream, a prefetch request waits while the peer's uplink
+    /// carries urgent blocks (its other children's starts), so the read would wait for all of
+    /// them. The prefetch fetch is cancelled (its waiters see an error; prefetch moves on) and
+    /// an urgent one takes its place.
+    fn join_or_start(
+        self: &Arc<Self>,
+        f: &mut Flights,
+        index: usize,
+        entry: &BlockEntry,
+        purpose: Purpose,
+    ) -> Flight {
+        if purpose == Purpose::OnDemand {
+            if let Some(task) = f.prefetching.remove(&index) {
+                task.abort();
+                f.in_flight.remove(&index);
+                debug!(layer = %self.layer.digest, index, "urgent read takes over a prefetch fetch");
+                return self.start_fetch(f, index, entry.clone(), purpose);
+            }
+        }
+        match f.in_flight.get(&index) {
+            Some(flight) => flight.clone(),
+            None => self.start_fetch(f, index, entry.clone(), purpose),
+        }
+    }
+
     /// Starts a fetch of block `index` in its own task and records it as in flight.
     fn start_fetch(
         self: &Arc<Self>,
@@ -364,7 +389,7 @@ impl BlockStore {
         flights.in_flight.insert(index, flight.clone());
         let me = self.clone();
         let guard = (purpose == Purpose::OnDemand).then(|| self.gate.enter());
-        tokio::spawn(FETCH_PURPOSE.scope(purpose, async move {
+        let task = tokio::spawn(FETCH_PURPOSE.scope(purpose, async move {
             let result = me.chain.fetch(&me.layer, index, &entry).await;
             drop(guard);
             let result = match result {
@@ -377,12 +402,17 @@ impl BlockStore {
                     Ok(bytes)
                 }
                 Err(e) => {
-                    me.flights.lock().unwrap().in_flight.remove(&index);
+                    let mut f = me.flights.lock().unwrap();
+                    f.in_flight.remove(&index);
+                    f.prefetching.remove(&index);
                     Err(Arc::new(e))
                 }
             };
             let _ = tx.send(result);
         }));
+        if purpose == Purpose::Prefetch {
+            flights.prefetching.insert(index, task.abort_handle());
+        }
         flight
     }
 
@@ -403,6 +433,7 @@ impl BlockStore {
         {
             let mut f = self.flights.lock().unwrap();
             f.in_flight.remove(&index);
+            f.prefetching.remove(&index);
             f.unpersisted.insert(index, bytes.clone());
         }
         let me = self.clone();
