@@ -19,10 +19,11 @@ use tracing::{debug, info};
 
 use super::block_store::{BlockStore, Purpose};
 
-/// How long no on-demand fetch must have run before a prefetch fetch starts. Longer than the
-/// pauses between a starting container's read bursts at our link rates, short against the
-/// time a whole layer takes.
-pub const QUIET: std::time::Duration = std::time::Duration::from_millis(500);
+/// How long no on-demand fetch must have run before a prefetch fetch starts: longer than the
+/// pauses between a starting container's read bursts (imports, CPU work), short against the
+/// time a whole layer takes. On the testbed, children in a tree started ~1 s sooner with 2 s
+/// than with 500 ms (docs/benchmarks-startup.md).
+pub const QUIET: std::time::Duration = std::time::Duration::from_millis(2000);
 
 /// How to prefetch.
 #[derive(Clone, Debug)]
