@@ -268,21 +268,9 @@ impl FetchChain {
             }
             Err(e) => {
                 debug!(%sibling, error = %e, "sibling fetch failed; asking the parent");
-                let avoid_for = match &e {
-                    LazyError::DigestMismatch { .. } => {
-                        self.metrics.digest_failures.inc();
-                        Some(self.options.avoid_corrupt_peer_for)
-                    }
-                    e if is_unreachable(e) => Some(self.options.avoid_unreachable_peer_for),
-                    // A refusal ("not in this node's half"): views differ for a moment.
-                    _ => None,
-                };
-                if let Some(d) = avoid_for {
-                    self.avoided
-                        .lock()
-                        .unwrap()
-                        .insert(sibling, Instant::now() + d);
-                    self.peers.lock().unwrap().remove(&sibling);
+                // A refusal ("not in this node's half") is not avoided: views differ for a
+                // moment.
+                if self.avoid_after(sibling, &e) {
                     if let Some(s) = &self.siblings {
                         s.forget(parent);
                     }
@@ -290,6 +278,27 @@ impl FetchChain {
                 None
             }
         }
+    }
+
+    /// Skips `peer` for a while after error `e` if the error says something about the peer
+    /// (it served corrupt data: long; it could not be reached: short); true if it does.
+    fn avoid_after(&self, peer: SocketAddr, e: &LazyError) -> bool {
+        let avoid_for = match e {
+            LazyError::DigestMismatch { .. } => {
+                self.metrics.digest_failures.inc();
+                self.options.avoid_corrupt_peer_for
+            }
+            e if is_unreachable(e) => self.options.avoid_unreachable_peer_for,
+            _ => return false,
+        };
+        let until = Instant::now() + avoid_for;
+        let mut avoided = self.avoided.lock().unwrap();
+        // Never shorten a longer ban (a corrupt peer that then dies).
+        let entry = avoided.entry(peer).or_insert(until);
+        *entry = (*entry).max(until);
+        drop(avoided);
+        self.peers.lock().unwrap().remove(&peer);
+        true
     }
 
     /// The registry source (for the TOC and coalesced prefetch).
@@ -354,21 +363,7 @@ impl FetchChain {
                     Ok(b) => return Ok((b, Source::Peer)),
                     Err(e) => {
                         warn!(%addr, error = %e, "peer fetch failed; falling back to the registry");
-                        let avoid_for = match &e {
-                            LazyError::DigestMismatch { .. } => {
-                                self.metrics.digest_failures.inc();
-                                Some(self.options.avoid_corrupt_peer_for)
-                            }
-                            e if is_unreachable(e) => Some(self.options.avoid_unreachable_peer_for),
-                            _ => None,
-                        };
-                        if let Some(d) = avoid_for {
-                            let mut avoided = self.avoided.lock().unwrap();
-                            let until = Instant::now() + d;
-                            // Never shorten a longer ban (a corrupt peer that then dies).
-                            let entry = avoided.entry(addr).or_insert(until);
-                            *entry = (*entry).max(until);
-                        }
+                        self.avoid_after(addr, &e);
                         // Stale pooled connections to a failed peer are of no use.
                         self.peers.lock().unwrap().remove(&addr);
                         self.upstream.report_failure(addr);
