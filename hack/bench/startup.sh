@@ -14,8 +14,9 @@
 #   --rate R   every VM link, both directions (tc tbf); the registry's egress is 4x R, as the
 #              issue asks ("set the registry's egress to 4 VM links")
 #   --out DIR  where results go (default bench-out/startup-<time>); results.json there holds
-#              every run; the report (docs/benchmarks-startup.md and its plot) is written
-#              from it by hack/bench/startup_report.py unless --no-doc
+#              every run; unless --no-doc it is copied to docs/data/startup-results.json and
+#              the report (docs/benchmarks-startup.md, docs/img/startup.png) is written from
+#              it by hack/bench/startup_report.py
 #
 # Also measured, for the lower bound of the tree (W/r + h*b/r, plus the warm start):
 #   W          bytes the function reads at start: one VM, on-demand, prefetch off, registry
@@ -113,6 +114,8 @@ done
 log "results: ${out}/results.json"
 
 if [[ "$doc" == 1 ]]; then
+  mkdir -p "${REPO_ROOT}/docs/data"
+  cp "${out}/results.json" "${REPO_ROOT}/docs/data/startup-results.json"
   python3 "${HACK_DIR}/bench/startup_report.py" "${out}/results.json" \
     --doc "${REPO_ROOT}/docs/benchmarks-startup.md" --plot "${REPO_ROOT}/docs/img/startup.png"
 fi
