@@ -106,8 +106,8 @@ pub struct Params {
     #[serde(default = "yes")]
     pub sibling_exchange: bool,
     /// Prefetch starts a fetch only after no on-demand fetch ran on the node for this long
-    /// (the snapshotter's `prefetch::QUIET`, 0.5 s), seconds.
-    #[serde(default = "half_second")]
+    /// (the snapshotter's `prefetch::QUIET`, 2 s), seconds.
+    #[serde(default = "two_seconds")]
     pub prefetch_quiet_s: f64,
     /// Prefetch takes the recorded access order first (a node that ran the function
     /// before); false: block index order (a fresh node, as in the testbed benchmark).
@@ -123,8 +123,8 @@ fn yes() -> bool {
     true
 }
 
-fn half_second() -> f64 {
-    0.5
+fn two_seconds() -> f64 {
+    2.0
 }
 
 impl Default for Params {
@@ -142,7 +142,7 @@ impl Default for Params {
             containers_per_vm: 1.0,
             vm_cores: 2,
             sibling_exchange: true,
-            prefetch_quiet_s: 0.5,
+            prefetch_quiet_s: 2.0,
             prefetch_recorded_order: true,
             host_cores: None,
         }

@@ -35,7 +35,8 @@ fn default_cores() -> usize {
     2
 }
 fn default_quiet_ms() -> f64 {
-    500.0
+    // As the snapshotter's `prefetch::QUIET`.
+    2000.0
 }
 
 /// One scenario.
