@@ -591,4 +591,3 @@ impl Drop for BlockStore {
         self.mem.remove_layer(self.id);
     }
 }
-
