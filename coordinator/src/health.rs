@@ -25,6 +25,9 @@ use crate::forest::Forest;
 use crate::metrics::{Metrics, ResultLabel};
 use crate::upstream::TreeKey;
 
+/// How long after a closed watch stream a node that still answered is probed again.
+const WATCH_RECHECK: Duration = Duration::from_millis(300);
+
 /// Answers whether a peer address is alive. The server uses [`tcp_probe`]; tests may
 /// inject their own.
 pub type Probe = Arc<dyn Fn(String) -> BoxFuture<'static, bool> + Send + Sync>;
@@ -153,11 +156,22 @@ impl Health {
         let Some((addr, generation)) = self.forest.peer_of(key, node_id) else {
             return Verdict::Skipped;
         };
-        if !self.take_slot(key, node_id, Instant::now()) {
+        // Only reports are rate-limited: they can come in floods. A closed watch stream comes
+        // once per connection, and it must not use up the slot of the children's reports that
+        // follow a crash (see below).
+        let reported = matches!(why, Suspicion::Reported { .. });
+        if reported && !self.take_slot(key, node_id, Instant::now()) {
             return Verdict::Skipped;
         }
         let start = Instant::now();
-        let alive = probe(addr.clone()).await;
+        let mut alive = probe(addr.clone()).await;
+        if alive && !reported {
+            // A process being killed closes its descriptors one by one: the coordinator may see
+            // the watch stream end while the peer listener still accepts for a moment. Look
+            // again once the exit is surely over.
+            tokio::time::sleep(WATCH_RECHECK).await;
+            alive = probe(addr.clone()).await;
+        }
         self.metrics
             .probes
             .get_or_create(&ResultLabel {
