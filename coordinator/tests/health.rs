@@ -9,66 +9,25 @@
 //!   kept if alive;
 //! - a node is probed at most once per interval, however many reports name it.
 
-use std::future::Future;
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
 use faasnet_coordinator::client::{AdminClient, CoordinatorClient};
-use faasnet_coordinator::config::Config;
-use faasnet_coordinator::server::{start, Running};
 use faasnet_coordinator::{Source, Upstream};
 use futures::StreamExt;
 
-const F1: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+mod common;
+use common::{scrape_metrics, wait_until, Server};
 
-struct Server {
-    _running: Running,
-    endpoint: String,
-    metrics: std::net::SocketAddr,
-    _dir: tempfile::TempDir,
-    _stop: tokio::sync::oneshot::Sender<()>,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
+/// A server whose probes give up after 500 ms, at most one per node per `probe_interval_ms`.
 async fn server(probe_interval_ms: u64) -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let cfg = Config::parse(&format!(
-        r#"
-        listen = "127.0.0.1:0"
-        data_dir = "{}"
-        metrics_listen = "{metrics}"
-        lease_ttl_ms = 60000
-        probe_timeout_ms = 500
-        probe_interval_ms = {probe_interval_ms}
-        admin_token = "admin-secret"
-        [tenants.acme]
-        token = "acme-secret"
-        "#,
-        dir.path().join("db").display()
+    common::server(&format!(
+        "lease_ttl_ms = 60000\nprobe_timeout_ms = 500\nprobe_interval_ms = {probe_interval_ms}"
     ))
-    .unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let running = start(cfg, async move {
-        let _ = rx.await;
-    })
     .await
-    .unwrap();
-    Server {
-        endpoint: format!("http://{}", running.addr),
-        _running: running,
-        metrics,
-        _dir: dir,
-        _stop: tx,
-    }
 }
+
+const F1: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
 
 /// A VM's peer server: a listener that accepts (the kernel does) until dropped.
 fn vm() -> (TcpListener, String) {
@@ -78,29 +37,7 @@ fn vm() -> (TcpListener, String) {
 }
 
 async fn metrics(s: &Server) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut sock = tokio::net::TcpStream::connect(s.metrics).await.unwrap();
-    sock.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = String::new();
-    sock.read_to_string(&mut body).await.unwrap();
-    body
-}
-
-async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    while !f().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    scrape_metrics(s.metrics).await
 }
 
 fn peer(u: &Upstream) -> Option<&str> {

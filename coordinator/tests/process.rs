@@ -1,7 +1,6 @@
 //! A real `coordinator` process over a real socket: join, watch, kill -9, restart, state
 //! intact, watchers reconnect and are told.
 
-use std::future::Future;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -9,6 +8,9 @@ use std::time::Duration;
 use faasnet_coordinator::client::{AdminClient, CoordinatorClient};
 use faasnet_coordinator::{MembershipOptions, Source, TreeMembership, Upstream};
 use futures::StreamExt;
+
+mod common;
+use common::{free_port, wait_until};
 
 const F: &str = "sha256:abababababababababababababababababababababababababababababababab";
 
@@ -39,29 +41,6 @@ fn spawn(config: &Path, log: &Path) -> Proc {
             .spawn()
             .expect("start coordinator"),
     )
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    while !f().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
 }
 
 async fn admin_when_up(endpoint: &str, log: &Path) -> AdminClient {

@@ -1,97 +1,26 @@
 //! The gRPC service in-process over real sockets: bad requests, tenant isolation, watch
 //! notifications, lease expiry, the client library's membership loop, unix socket, metrics.
 
-use std::future::Future;
 use std::time::Duration;
 
 use faasnet_coordinator::client::{AdminClient, ClientError, CoordinatorClient};
-use faasnet_coordinator::config::Config;
-use faasnet_coordinator::server::{start, Running};
 use faasnet_coordinator::{MembershipOptions, Source, TreeMembership, Upstream};
 use futures::StreamExt;
 use tonic::Code;
 
+mod common;
+use common::{scrape_metrics, wait_until, Server};
+
 const F1: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
 const F2: &str = "sha256:2222222222222222222222222222222222222222222222222222222222222222";
 
-struct Server {
-    running: Running,
-    endpoint: String,
-    unix: std::path::PathBuf,
-    metrics: std::net::SocketAddr,
-    _dir: tempfile::TempDir,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
+/// A server with leases of `lease_ttl_ms`, swept every 50 ms, and no probes: the VMs here
+/// have no peer servers (tests/health.rs probes real listeners).
 async fn server(lease_ttl_ms: u64) -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let unix = dir.path().join("coord.sock");
-    let cfg = Config::parse(&format!(
-        r#"
-        listen = "127.0.0.1:0"
-        unix_socket = "{}"
-        data_dir = "{}"
-        metrics_listen = "{metrics}"
-        lease_ttl_ms = {lease_ttl_ms}
-        sweep_interval_ms = 50
-        # The VMs here have no peer servers (tests/health.rs probes real listeners).
-        probe_timeout_ms = 0
-        admin_token = "admin-secret"
-        [tenants.acme]
-        token = "acme-secret"
-        [tenants.globex]
-        token = "globex-secret"
-        "#,
-        unix.display(),
-        dir.path().join("db").display()
+    common::server(&format!(
+        "lease_ttl_ms = {lease_ttl_ms}\nsweep_interval_ms = 50\nprobe_timeout_ms = 0"
     ))
-    .unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let running = start(cfg, async move {
-        let _ = rx.await;
-    })
     .await
-    .unwrap();
-    Server {
-        endpoint: format!("http://{}", running.addr),
-        running,
-        unix,
-        metrics,
-        _dir: dir,
-        stop: Some(tx),
-    }
-}
-
-async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    while !f().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 fn code(r: Result<impl std::fmt::Debug, ClientError>) -> (Code, String) {
@@ -360,13 +289,7 @@ async fn unix_socket_and_metrics() {
     let _ = c.join(F1, "u1", "bogus").await;
 
     // Plain HTTP GET of /metrics.
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut sock = tokio::net::TcpStream::connect(s.metrics).await.unwrap();
-    sock.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = String::new();
-    sock.read_to_string(&mut body).await.unwrap();
+    let body = scrape_metrics(s.metrics).await;
     for needle in [
         "faasnet_coordinator_joins_total 1",
         "faasnet_coordinator_nodes 1",
