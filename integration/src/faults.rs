@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 
 use crate::netns::{run, Network};
-use crate::stack::{Coordinator, Metrics};
+use crate::stack::{Coordinator, Metrics, Vm};
 
 /// One node of a function tree as the coordinator's admin service shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -204,6 +204,36 @@ pub fn kill_children_named(names: &[&str]) -> Vec<String> {
         }
     }
     killed
+}
+
+/// Starts `image_ref`'s function on every VM, each in its own thread of scope `s`: it waits at
+/// `barrier` (so that all start together, with whoever else waits there), pulls lazily, runs,
+/// and answers its time from the barrier to the output, and the output.
+pub fn spawn_starts<'scope, 'env>(
+    s: &'scope std::thread::Scope<'scope, 'env>,
+    vms: &'env [Vm],
+    image_ref: &'env str,
+    barrier: &'env std::sync::Barrier,
+) -> Vec<std::thread::ScopedJoinHandle<'scope, anyhow::Result<(Duration, String)>>> {
+    vms.iter()
+        .map(|vm| {
+            s.spawn(move || {
+                barrier.wait();
+                let t = Instant::now();
+                vm.rpull("default", image_ref)?;
+                let out = vm.run("default", image_ref, "fn")?;
+                Ok((t.elapsed(), out))
+            })
+        })
+        .collect()
+}
+
+/// Joins every handle, in order.
+pub fn join_all<T>(handles: Vec<std::thread::ScopedJoinHandle<'_, T>>) -> Vec<T> {
+    handles
+        .into_iter()
+        .map(|h| h.join().expect("VM thread"))
+        .collect()
 }
 
 /// Waits until every handle finished, for at most `timeout`; then kills stuck `ctr`

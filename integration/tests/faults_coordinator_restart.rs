@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context as _};
 use faasnet_integration::faults::{
-    check_tree_shape, finish_or_unstick, sources, time_until, Admin,
+    check_tree_shape, finish_or_unstick, join_all, sources, spawn_starts, time_until, Admin,
 };
 use faasnet_integration::images::{expected_tricky, first_difference, TestImage};
 use faasnet_integration::netns::Network;
@@ -57,19 +57,7 @@ fn coordinator_restart() -> anyhow::Result<()> {
     let barrier = Barrier::new(BURST + 1);
     let image_ref = image.converted();
     let (results, outage) = std::thread::scope(|s| {
-        let handles: Vec<_> = vms
-            .iter()
-            .map(|vm| {
-                let barrier = &barrier;
-                s.spawn(move || -> anyhow::Result<(Duration, String)> {
-                    barrier.wait();
-                    let t = Instant::now();
-                    vm.rpull("default", image_ref)?;
-                    let out = vm.run("default", image_ref, "fn")?;
-                    Ok((t.elapsed(), out))
-                })
-            })
-            .collect();
+        let handles = spawn_starts(s, &vms, image_ref, &barrier);
         barrier.wait();
         let burst = Instant::now();
         let outage = time_until("two VMs in the tree", Duration::from_secs(60), || {
@@ -88,10 +76,7 @@ fn coordinator_restart() -> anyhow::Result<()> {
         if !stuck.is_empty() {
             eprintln!("VM commands still running after 150 s, killed: {stuck:#?}");
         }
-        let results: Vec<_> = handles
-            .into_iter()
-            .map(|h| h.join().expect("VM thread"))
-            .collect();
+        let results: Vec<_> = join_all(handles);
         (results, outage)
     });
     let (kill_at, nodes_at_kill, down_for) = outage?;

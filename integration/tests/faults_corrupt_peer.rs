@@ -19,10 +19,10 @@
 //! Needs root and hack/install-deps.sh; `cargo build --workspace --bins` first.
 
 use std::sync::Barrier;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{ensure, Context as _};
-use faasnet_integration::faults::{sources, Admin, BadPeer};
+use faasnet_integration::faults::{join_all, sources, spawn_starts, Admin, BadPeer};
 use faasnet_integration::images::{expected_tricky, first_difference, TestImage};
 use faasnet_integration::netns::Network;
 use faasnet_integration::registry::Registry;
@@ -65,23 +65,8 @@ fn corrupt_peer() -> anyhow::Result<()> {
     let barrier = Barrier::new(vms.len());
     let image_ref = image.converted();
     let results: Vec<anyhow::Result<(Duration, String)>> = std::thread::scope(|s| {
-        let handles: Vec<_> = vms
-            .iter()
-            .map(|vm| {
-                let barrier = &barrier;
-                s.spawn(move || {
-                    barrier.wait();
-                    let t = Instant::now();
-                    vm.rpull("default", image_ref)?;
-                    let out = vm.run("default", image_ref, "fn")?;
-                    Ok((t.elapsed(), out))
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("VM thread"))
-            .collect()
+        let handles = spawn_starts(s, &vms, image_ref, &barrier);
+        join_all(handles)
     });
     let tree = admin.tree(&digest)?;
     eprintln!("function tree:\n{}", coordinator.draw(&digest));

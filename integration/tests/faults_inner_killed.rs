@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context as _};
 use faasnet_integration::faults::{
-    finish_or_unstick, kill_fuse_holders, sources, time_until, Admin,
+    finish_or_unstick, join_all, kill_fuse_holders, sources, spawn_starts, time_until, Admin,
 };
 use faasnet_integration::images::{expected_tricky, first_difference, TestImage};
 use faasnet_integration::netns::Network;
@@ -63,19 +63,7 @@ fn inner_killed() -> anyhow::Result<()> {
     let barrier = Barrier::new(VMS + 1);
     let image_ref = image.converted();
     let (results, victim) = std::thread::scope(|s| {
-        let handles: Vec<_> = vms
-            .iter()
-            .map(|vm| {
-                let barrier = &barrier;
-                s.spawn(move || -> anyhow::Result<(Duration, String)> {
-                    barrier.wait();
-                    let t = Instant::now();
-                    vm.rpull("default", image_ref)?;
-                    let out = vm.run("default", image_ref, "fn")?;
-                    Ok((t.elapsed(), out))
-                })
-            })
-            .collect();
+        let handles = spawn_starts(s, &vms, image_ref, &barrier);
         barrier.wait();
         let burst = Instant::now();
         // 2. Wait for the full tree, then kill position 1.
@@ -143,10 +131,7 @@ fn inner_killed() -> anyhow::Result<()> {
                 eprintln!("{}:\n{}", vm.name, log_tail(&vm.snapshotter.log(), 30));
             }
         }
-        let results: Vec<_> = handles
-            .into_iter()
-            .map(|h| h.join().expect("VM thread"))
-            .collect();
+        let results: Vec<_> = join_all(handles);
         (results, outcome)
     });
     let (idx, inner, children, at_kill, kill_after, recovery) = victim?;
