@@ -439,6 +439,29 @@ pub fn log_tail(log: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// Waits until every VM of `vms` holds all `total_blocks` blocks of the image (fetched from
+/// the registry or a peer: prefetch completes the layers), for at most `timeout`.
+pub fn eventually_all_blocks(
+    vms: &[Vm],
+    total_blocks: u64,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let names: Vec<&str> = vms.iter().map(|vm| vm.name.as_str()).collect();
+    eventually(
+        &format!("{} to hold every block", names.join(", ")),
+        timeout,
+        || {
+            for vm in vms {
+                let m = vm.snapshotter.metrics()?;
+                if m.lazy_blocks("registry") + m.lazy_blocks("peer") < total_blocks {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        },
+    )
+}
+
 /// Waits until `check` holds, polling every 200 ms; fails after `timeout` naming `what`.
 pub fn eventually(
     what: &str,

@@ -28,7 +28,9 @@ use faasnet_integration::netns::Network;
 use faasnet_integration::registry::Registry;
 use faasnet_integration::require_root;
 use faasnet_integration::rootfs::compare_with_original;
-use faasnet_integration::stack::{eventually, log_tail, Coordinator, SnapshotterOptions, Vm};
+use faasnet_integration::stack::{
+    eventually_all_blocks, log_tail, Coordinator, SnapshotterOptions, Vm,
+};
 
 /// Bridge `fnb64`, addresses 10.77.64.0/24 (unique among the test files).
 const NET_ID: u8 = 64;
@@ -90,19 +92,7 @@ fn corrupt_peer() -> anyhow::Result<()> {
             parent_of(vm)
         );
     }
-    eventually(
-        "every VM to hold every block",
-        Duration::from_secs(90),
-        || {
-            for vm in &vms {
-                let m = vm.snapshotter.metrics()?;
-                if m.lazy_blocks("registry") + m.lazy_blocks("peer") < total_blocks {
-                    return Ok(false);
-                }
-            }
-            Ok(true)
-        },
-    )?;
+    eventually_all_blocks(&vms, total_blocks, Duration::from_secs(90))?;
 
     // 3. Detected.
     let mut needed = std::collections::HashMap::<String, u64>::new();

@@ -28,7 +28,7 @@ use faasnet_integration::netns::Network;
 use faasnet_integration::registry::Registry;
 use faasnet_integration::require_root;
 use faasnet_integration::rootfs::compare_with_original;
-use faasnet_integration::stack::{eventually, Coordinator, SnapshotterOptions, Vm};
+use faasnet_integration::stack::{eventually_all_blocks, Coordinator, SnapshotterOptions, Vm};
 
 /// Bridge `fnb63`, addresses 10.77.63.0/24 (unique among the test files).
 const NET_ID: u8 = 63;
@@ -113,19 +113,7 @@ fn partition() -> anyhow::Result<()> {
         );
         eprintln!("{}: started in {took:.1?}", vm.name);
     }
-    eventually(
-        "every VM to hold every block",
-        Duration::from_secs(90),
-        || {
-            for vm in &vms {
-                let m = vm.snapshotter.metrics()?;
-                if m.lazy_blocks("registry") + m.lazy_blocks("peer") < total_blocks {
-                    return Ok(false);
-                }
-            }
-            Ok(true)
-        },
-    )?;
+    eventually_all_blocks(&vms, total_blocks, Duration::from_secs(90))?;
     for vm in &vms {
         let m = vm.snapshotter.metrics()?;
         eprintln!(

@@ -29,7 +29,7 @@ use faasnet_integration::netns::Network;
 use faasnet_integration::registry::Registry;
 use faasnet_integration::require_root;
 use faasnet_integration::rootfs::compare_with_original;
-use faasnet_integration::stack::{eventually, Coordinator, SnapshotterOptions, Vm};
+use faasnet_integration::stack::{eventually_all_blocks, Coordinator, SnapshotterOptions, Vm};
 
 /// Bridge `fnb62`, addresses 10.77.62.0/24 (unique among the test files).
 const NET_ID: u8 = 62;
@@ -67,19 +67,7 @@ fn registry_down() -> anyhow::Result<()> {
         let out = vm.run("default", image.converted(), "fn")?;
         ensure!(out == expected, "{}: output differs", vm.name);
     }
-    eventually(
-        "vm0 and vm1 to hold every block",
-        Duration::from_secs(90),
-        || {
-            for vm in &vms[..2] {
-                let m = vm.snapshotter.metrics()?;
-                if m.lazy_blocks("registry") + m.lazy_blocks("peer") < total_blocks {
-                    return Ok(false);
-                }
-            }
-            Ok(true)
-        },
-    )?;
+    eventually_all_blocks(&vms[..2], total_blocks, Duration::from_secs(90))?;
 
     // 2. The later VMs pull (metadata from the registry).
     for vm in &vms[2..] {
@@ -115,13 +103,10 @@ fn registry_down() -> anyhow::Result<()> {
             vm.name,
             first_difference(&expected, &out)
         );
-        eventually(
-            &format!("{} to hold every block", vm.name),
+        eventually_all_blocks(
+            std::slice::from_ref(vm),
+            total_blocks,
             Duration::from_secs(60),
-            || {
-                let m = vm.snapshotter.metrics()?;
-                Ok(m.lazy_blocks("peer") + m.lazy_blocks("registry") >= total_blocks)
-            },
         )?;
         let m = vm.snapshotter.metrics()?;
         eprintln!(

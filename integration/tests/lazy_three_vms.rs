@@ -28,7 +28,9 @@ use faasnet_integration::images::TestImage;
 use faasnet_integration::netns::Network;
 use faasnet_integration::registry::Registry;
 use faasnet_integration::require_root;
-use faasnet_integration::stack::{eventually, log_tail, Coordinator, SnapshotterOptions, Vm};
+use faasnet_integration::stack::{
+    eventually_all_blocks, log_tail, Coordinator, SnapshotterOptions, Vm,
+};
 
 /// Bridge `fnb41`, addresses 10.77.41.0/24 (unique among the test files).
 const NET_ID: u8 = 41;
@@ -106,20 +108,7 @@ fn three_vms() -> anyhow::Result<()> {
     eprintln!("function tree:\n{}", coordinator.draw(&digest));
 
     // Every VM ends up with every block (prefetch), from the registry or a peer.
-    eventually(
-        "every VM to hold every block",
-        Duration::from_secs(120),
-        || {
-            for vm in &vms {
-                let m = vm.snapshotter.metrics()?;
-                if m.lazy_blocks("registry") + m.lazy_blocks("peer") < total_blocks {
-                    return Ok(false);
-                }
-            }
-            Ok(true)
-        },
-    )
-    .with_context(|| {
+    eventually_all_blocks(&vms, total_blocks, Duration::from_secs(120)).with_context(|| {
         let counts: Vec<String> = vms
             .iter()
             .map(|vm| match vm.snapshotter.metrics() {

@@ -22,7 +22,9 @@ use faasnet_integration::netns::Network;
 use faasnet_integration::registry::Registry;
 use faasnet_integration::require_root;
 use faasnet_integration::rootfs::compare_with_original;
-use faasnet_integration::stack::{eventually, log_tail, Coordinator, SnapshotterOptions, Vm};
+use faasnet_integration::stack::{
+    eventually_all_blocks, log_tail, Coordinator, SnapshotterOptions, Vm,
+};
 
 /// Bridge `fnb42`, addresses 10.77.42.0/24 (unique among the test files).
 const NET_ID: u8 = 42;
@@ -110,10 +112,11 @@ fn upstream_killed() -> anyhow::Result<()> {
     eprintln!("vm1's rootfs equals the original: {summary}");
 
     // Every block vm1 holds came from vm0 before it died, or from the registry after.
-    eventually("vm1 to hold every block", Duration::from_secs(60), || {
-        let m = vm1.snapshotter.metrics()?;
-        Ok(m.lazy_blocks("peer") + m.lazy_blocks("registry") >= total_blocks)
-    })?;
+    eventually_all_blocks(
+        std::slice::from_ref(&vm1),
+        total_blocks,
+        Duration::from_secs(60),
+    )?;
     let m = vm1.snapshotter.metrics()?;
     eprintln!(
         "vm1: blocks from peer {}, registry {}, cache {}; peer fallbacks {}",
