@@ -146,6 +146,8 @@ pub struct LayerManager {
     cache: Arc<BlockCache>,
     registry: Arc<RegistrySource>,
     peer_server: Option<PeerServer>,
+    /// This node's peer address as other VMs reach it, if known.
+    advertise: Option<String>,
     /// Sides in the sibling exchange, shared by every layer's fetch chain.
     siblings: Option<Arc<Siblings>>,
     mem: Arc<MemCache>,
@@ -191,19 +193,19 @@ impl LayerManager {
                 }
             }
         });
-        let siblings = if options.sibling_exchange {
-            let me = options.peer_advertise.clone().or_else(|| {
-                peer_server
-                    .as_ref()
-                    .map(|s| s.local_addr())
-                    .filter(|a| !a.ip().is_unspecified())
-                    .map(|a| a.to_string())
-            });
-            me.map(|me| Siblings::new(me, options.stall_timeout))
-        } else {
-            None
+        let advertise = options.peer_advertise.clone().or_else(|| {
+            peer_server
+                .as_ref()
+                .map(|s| s.local_addr())
+                .filter(|a| !a.ip().is_unspecified())
+                .map(|a| a.to_string())
+        });
+        let siblings = match (&advertise, options.sibling_exchange) {
+            (Some(me), true) => Some(Siblings::new(me.clone(), options.stall_timeout)),
+            _ => None,
         };
         Ok(Arc::new(LayerManager {
+            advertise,
             siblings,
             mem: MemCache::new(options.mem_cache_bytes),
             handover,
@@ -239,6 +241,12 @@ impl LayerManager {
     /// Where the peer server listens, if there is one.
     pub fn peer_addr(&self) -> Option<SocketAddr> {
         self.peer_server.as_ref().map(|s| s.local_addr())
+    }
+
+    /// The address other VMs reach this node's peer server at: `peer_advertise`, else the
+    /// listen address when it is not a wildcard.
+    pub fn advertise_addr(&self) -> Option<&str> {
+        self.advertise.as_deref()
     }
 
     /// The TOC of `layer` (fetched once, then remembered).

@@ -168,20 +168,16 @@ impl LazyRemoteLayers {
                     .resolved_token()
                     .map_err(|e| LazyError::InvalidInput(format!("coordinator token: {e}")))?;
                 let node_id = c.resolved_node_id();
-                let advertise = match &config.lazy.peer_advertise {
-                    Some(a) => a.clone(),
-                    None => manager
-                        .peer_addr()
-                        .filter(|a| !a.ip().is_unspecified())
-                        .map(|a| a.to_string())
-                        .ok_or_else(|| {
-                            LazyError::InvalidInput(
-                                "lazy.peer_listen is a wildcard address: set lazy.peer_advertise \
-                                 to the address other VMs reach this one at"
-                                    .into(),
-                            )
-                        })?,
-                };
+                let advertise = manager
+                    .advertise_addr()
+                    .map(str::to_string)
+                    .ok_or_else(|| {
+                        LazyError::InvalidInput(
+                            "lazy.peer_listen is a wildcard address: set lazy.peer_advertise \
+                         to the address other VMs reach this one at"
+                                .into(),
+                        )
+                    })?;
                 let trees = FunctionTrees::new(endpoint, &c.tenant, &token, &node_id, &advertise)
                     .map_err(|e| LazyError::InvalidInput(e.to_string()))?;
                 info!(endpoint, node = %node_id, peer = %advertise, "function trees from the coordinator");
