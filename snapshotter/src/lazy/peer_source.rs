@@ -84,21 +84,17 @@ impl PeerSource {
         Ok(())
     }
 
-    /// One exchange on `conn`. The outer error is a transport failure (worth a retry on a
-    /// fresh connection); the inner one is the peer's answer.
+    /// One exchange on `conn`: sends `req`, skips keep-alives, and reads the answer. An `Ok`
+    /// answer's length must pass `check_len` before its payload is read. The outer error is
+    /// a transport failure (worth a retry on a fresh connection); the inner one is the
+    /// peer's answer.
     async fn exchange(
         &self,
         conn: &mut TcpStream,
-        layer: &LayerRef,
-        index: usize,
-        entry: &BlockEntry,
-        op: Op,
-    ) -> Result<Result<Bytes>> {
-        let req = peer_protocol::encode_request(&BlockRequest {
-            digest: layer.digest.clone(),
-            index: index as u32,
-            op,
-        });
+        req: &BlockRequest,
+        check_len: &(dyn Fn(u32) -> std::result::Result<(), String> + Sync),
+    ) -> Result<Result<Vec<u8>>> {
+        let req = peer_protocol::encode_request(req);
         tokio::time::timeout(self.stall, conn.write_all(&req))
             .await
             .map_err(|_| self.stalled())?
@@ -111,17 +107,12 @@ impl PeerSource {
             match header.status {
                 Status::KeepAlive => continue,
                 Status::Ok => {
-                    // The length is bounded by the decoder; it must also be this block's.
+                    // The length is bounded by the decoder; the caller bounds it further.
                     // Not read: the connection is unusable, hence the outer error.
-                    if header.length as u64 != entry.stored_len {
-                        return Err(self.err(format!(
-                            "block {index} is {} bytes, the TOC says {}",
-                            header.length, entry.stored_len
-                        )));
-                    }
+                    check_len(header.length).map_err(|e| self.err(e))?;
                     let mut payload = vec![0u8; header.length as usize];
                     self.read_exact_stalling(conn, &mut payload).await?;
-                    return Ok(Ok(Bytes::from(payload)));
+                    return Ok(Ok(payload));
                 }
                 status => {
                     let mut msg = vec![0u8; header.length as usize];
@@ -134,28 +125,25 @@ impl PeerSource {
             }
         }
     }
-}
 
-impl PeerSource {
-    /// Fetches block `index` with request op `op` (see [`Op`]).
-    pub async fn fetch_op(
+    /// Sends `req` on a pooled connection (retried once on a fresh one if the pooled one
+    /// turns out closed) and answers the payload of an `Ok` answer.
+    async fn request(
         &self,
-        layer: &LayerRef,
-        index: usize,
-        entry: &BlockEntry,
-        op: Op,
-    ) -> Result<Bytes> {
+        req: &BlockRequest,
+        check_len: &(dyn Fn(u32) -> std::result::Result<(), String> + Sync),
+    ) -> Result<Vec<u8>> {
         let pooled = self.idle.lock().unwrap().pop();
         let (mut conn, reused) = match pooled {
             Some(c) => (c, true),
             None => (self.connect().await?, false),
         };
-        let result = match self.exchange(&mut conn, layer, index, entry, op).await {
+        let result = match self.exchange(&mut conn, req, check_len).await {
             // A pooled connection may have been closed by the peer meanwhile: retry once on a
             // fresh one. An answer (even an error status) is final.
             Err(_) if reused => {
                 conn = self.connect().await?;
-                self.exchange(&mut conn, layer, index, entry, op).await?
+                self.exchange(&mut conn, req, check_len).await?
             }
             other => other?,
         };
@@ -167,6 +155,52 @@ impl PeerSource {
             }
         }
         result
+    }
+
+    /// Fetches block `index` with request op `op` (see [`Op`]).
+    pub async fn fetch_op(
+        &self,
+        layer: &LayerRef,
+        index: usize,
+        entry: &BlockEntry,
+        op: Op,
+    ) -> Result<Bytes> {
+        let req = BlockRequest {
+            digest: layer.digest.clone(),
+            index: index as u32,
+            op,
+        };
+        // It must be this block's length.
+        let check_len = |len: u32| {
+            if len as u64 == entry.stored_len {
+                Ok(())
+            } else {
+                Err(format!(
+                    "block {index} is {len} bytes, the TOC says {}",
+                    entry.stored_len
+                ))
+            }
+        };
+        self.request(&req, &check_len).await.map(Bytes::from)
+    }
+
+    /// Says hello to this peer as the child whose peer server is at `me` (sibling
+    /// exchange); answers the raw answer payload.
+    pub async fn hello(&self, me: &str) -> Result<Vec<u8>> {
+        let req = BlockRequest {
+            digest: me.to_string(),
+            index: 0,
+            op: Op::Hello,
+        };
+        // Hello answers are tiny; a large one is not an answer.
+        let check_len = |len: u32| {
+            if len <= 4096 {
+                Ok(())
+            } else {
+                Err(format!("hello answer of {len} bytes"))
+            }
+        };
+        self.request(&req, &check_len).await
     }
 }
 

@@ -20,15 +20,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-};
 use tracing::debug;
 
-use super::peer_protocol::{
-    self, BlockRequest, HelloAnswer, Op, Status, MAX_PAYLOAD, RESPONSE_HEADER_LEN,
-};
+use super::{peer_protocol::HelloAnswer, peer_source::PeerSource};
 
 /// How often a child asks its parent for its side again.
 pub const REFRESH: Duration = Duration::from_secs(1);
@@ -125,55 +119,19 @@ impl Siblings {
     }
 
     async fn hello(&self, parent: SocketAddr) -> Result<Option<Split>, String> {
-        let exchange = async {
-            let mut conn = TcpStream::connect(parent)
-                .await
-                .map_err(|e| format!("connect: {e}"))?;
-            let req = peer_protocol::encode_request(&BlockRequest {
-                digest: self.me.clone(),
-                index: 0,
-                op: Op::Hello,
-            });
-            conn.write_all(&req)
-                .await
-                .map_err(|e| format!("write: {e}"))?;
-            loop {
-                let mut h = [0u8; RESPONSE_HEADER_LEN];
-                conn.read_exact(&mut h)
-                    .await
-                    .map_err(|e| format!("read: {e}"))?;
-                let header = peer_protocol::decode_response_header(&h).map_err(|e| e.0)?;
-                if header.status == Status::KeepAlive {
-                    continue;
-                }
-                // Hello answers are tiny; a large one is not an answer.
-                if header.length > MAX_PAYLOAD.min(4096) {
-                    return Err(format!("hello answer of {} bytes", header.length));
-                }
-                let mut payload = vec![0u8; header.length as usize];
-                conn.read_exact(&mut payload)
-                    .await
-                    .map_err(|e| format!("read: {e}"))?;
-                if header.status != Status::Ok {
-                    return Err(format!(
-                        "answered {:?}: {}",
-                        header.status,
-                        String::from_utf8_lossy(&payload)
-                    ));
-                }
-                let answer = HelloAnswer::decode(&payload).map_err(|e| e.0)?;
-                return match answer.split {
-                    None => Ok(None),
-                    Some((side, sibling)) => sibling
-                        .parse()
-                        .map(|sibling| Some(Split { side, sibling }))
-                        .map_err(|_| format!("sibling address {sibling:?}")),
-                };
-            }
-        };
-        tokio::time::timeout(self.timeout, exchange)
+        let peer = PeerSource::new(parent, self.timeout);
+        let payload = tokio::time::timeout(self.timeout, peer.hello(&self.me))
             .await
             .map_err(|_| "timed out".to_string())?
+            .map_err(|e| e.to_string())?;
+        let answer = HelloAnswer::decode(&payload).map_err(|e| e.0)?;
+        match answer.split {
+            None => Ok(None),
+            Some((side, sibling)) => sibling
+                .parse()
+                .map(|sibling| Some(Split { side, sibling }))
+                .map_err(|_| format!("sibling address {sibling:?}")),
+        }
     }
 }
 
