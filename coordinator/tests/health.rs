@@ -63,12 +63,7 @@ async fn nodes(admin: &AdminClient) -> Vec<(String, String)> {
 #[tokio::test]
 async fn a_reported_dead_parent_is_removed_and_its_children_told() {
     let s = server(1000).await;
-    let c = CoordinatorClient::connect(&s.endpoint, "acme", "acme-secret")
-        .await
-        .unwrap();
-    let admin = AdminClient::connect(&s.endpoint, "admin-secret")
-        .await
-        .unwrap();
+    let (c, admin) = s.clients().await;
     // a (root) ─ b ─ d, e ; a ─ c
     let vms: Vec<_> = (0..5).map(|_| vm()).collect();
     for (id, (_, addr)) in ["a", "b", "c", "d", "e"].iter().zip(&vms) {
@@ -117,12 +112,7 @@ async fn a_reported_dead_parent_is_removed_and_its_children_told() {
 #[tokio::test]
 async fn reports_cannot_evict_healthy_nodes_or_strangers() {
     let s = server(1000).await;
-    let c = CoordinatorClient::connect(&s.endpoint, "acme", "acme-secret")
-        .await
-        .unwrap();
-    let admin = AdminClient::connect(&s.endpoint, "admin-secret")
-        .await
-        .unwrap();
+    let (c, admin) = s.clients().await;
     let (_la, a) = vm();
     let (_lb, b) = vm();
     let (lc, cc) = vm();

@@ -40,12 +40,7 @@ fn peer(u: &Upstream) -> Option<&str> {
 #[tokio::test]
 async fn bad_requests_get_clear_errors_and_change_nothing() {
     let s = server(60_000).await;
-    let acme = CoordinatorClient::connect(&s.endpoint, "acme", "acme-secret")
-        .await
-        .unwrap();
-    let admin = AdminClient::connect(&s.endpoint, "admin-secret")
-        .await
-        .unwrap();
+    let (acme, admin) = s.clients().await;
     acme.join(F1, "vm-a", "10.0.0.1:7800").await.unwrap();
     acme.join(F1, "vm-b", "10.0.0.2:7800").await.unwrap();
     let before = admin.get_tree("acme", F1).await.unwrap();
@@ -213,12 +208,7 @@ async fn watchers_are_told_when_their_upstream_changes() {
 #[tokio::test]
 async fn expired_leases_are_removed_and_members_rejoin() {
     let s = server(400).await;
-    let c = CoordinatorClient::connect(&s.endpoint, "acme", "acme-secret")
-        .await
-        .unwrap();
-    let admin = AdminClient::connect(&s.endpoint, "admin-secret")
-        .await
-        .unwrap();
+    let (c, admin) = s.clients().await;
     let opts = MembershipOptions {
         initial_backoff: Duration::from_millis(20),
         max_backoff: Duration::from_millis(200),

@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::time::Duration;
 
+use faasnet_coordinator::client::{AdminClient, CoordinatorClient};
 use faasnet_coordinator::config::Config;
 use faasnet_coordinator::server::{start, Running};
 
@@ -25,6 +26,19 @@ impl Drop for Server {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
+    }
+}
+
+impl Server {
+    /// A client of tenant acme and an admin client.
+    pub async fn clients(&self) -> (CoordinatorClient, AdminClient) {
+        let acme = CoordinatorClient::connect(&self.endpoint, "acme", "acme-secret")
+            .await
+            .unwrap();
+        let admin = AdminClient::connect(&self.endpoint, "admin-secret")
+            .await
+            .unwrap();
+        (acme, admin)
     }
 }
 
