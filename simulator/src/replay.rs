@@ -184,7 +184,7 @@ pub fn report(
         "registry egress {:.1} Gbps; VM links 1 Gbps; working set {:.1}% of the uncompressed image; \
          gzip ratio {:.2}; block-compressed ratio {:.3}; h0 {:.2} s; baseline unpack {:.0} MB/s; \
          RTT {:.2} ms; {} layers; read-ahead 8 blocks, bounded by the file (the synthetic working set is \
-         whole files); background prefetch after 0.5 s without on-demand fetches; sibling exchange {}; \
+         whole files); background prefetch after {:.1} s without on-demand fetches; sibling exchange {}; \
          512 KiB blocks.\n\n",
         a.registry_egress_bps / GBPS,
         a.working_set_fraction * 100.0,
@@ -194,6 +194,7 @@ pub fn report(
         a.unpack_bps / 1e6,
         a.rtt_s * 1000.0,
         a.layers,
+        a.params(1).prefetch_quiet_s,
         if a.sibling_exchange { "on" } else { "off" },
     ));
     s.push_str("### Scale-out: 758 MB image, N concurrent starts (time until the last start)\n\n");
