@@ -311,10 +311,14 @@ cmd_push_image() {
   echo "$orig $conv"
 }
 
-# counter VM NAME SOURCE: a lazy counter of VM's snapshotter, 0 if absent.
+# scrape VM: the Prometheus text of VM's snapshotter (empty if it does not answer).
+scrape() { curl -fsS "http://$(vm_ip "$1"):9111/metrics" 2>/dev/null || true; }
+
+# metric TEXT NAME [SOURCE]: a lazy counter in scraped TEXT, 0 if absent.
 metric() {
-  curl -fsS "http://$(vm_ip "$1"):9111/metrics" 2>/dev/null |
-    awk -v m="faasnet_snapshotter_lazy_$2{source=\"$3\"}" '$1 == m { printf "%d", $2; found=1 } END { if (!found) printf "0" }'
+  local key="faasnet_snapshotter_lazy_$2"
+  [[ -n "${3:-}" ]] && key+="{source=\"$3\"}"
+  awk -v m="$key" '$1 == m { printf "%d", $2; found=1 } END { if (!found) printf "0" }' <<<"$1"
 }
 
 # link_bytes IFNAME DIR: bytes through the host side of a veth (tx = towards the namespace).
@@ -375,15 +379,17 @@ cmd_run() {
     ) &
   done
   wait
-  local reg1 cpu1
+  local reg1 cpu1 m
   reg1="$(link_bytes fntbhreg rx)"
   cpu1="$(cpu_ticks)"
   printf '%-5s %10s %8s %8s %8s %10s  %s\n' VM start_ms cache peer registry rx_MB "first output line"
   for i in $vms; do
     echo "$(($(link_bytes "fntbh${i}" tx) - $(cat "${out}/vm${i}.rx0")))" >"${out}/vm${i}.rx"
+    m="$(scrape "$i")"
+    printf '%s\n' "$m" >"${out}/vm${i}.metrics"
     printf '%-5s %10s %8s %8s %8s %10s  %s\n' "vm${i}" "$(cat "${out}/vm${i}.ms" 2>/dev/null || echo FAIL)" \
-      "$(metric "$i" blocks_total cache)" "$(metric "$i" blocks_total peer)" \
-      "$(metric "$i" blocks_total registry)" "$(($(cat "${out}/vm${i}.rx") / 1000000))" \
+      "$(metric "$m" blocks_total cache)" "$(metric "$m" blocks_total peer)" \
+      "$(metric "$m" blocks_total registry)" "$(($(cat "${out}/vm${i}.rx") / 1000000))" \
       "$(head -1 "${out}/vm${i}.out" 2>/dev/null)"
   done
   local busy total
@@ -397,12 +403,13 @@ cmd_run() {
         "$(awk -v b="$busy" -v t="$total" 'BEGIN { printf "%.3f", (t > 0 ? b / t : 0) }')"
       local sep=""
       for i in $vms; do
+        m="$(<"${out}/vm${i}.metrics")"
         printf '%s{"vm": "vm%d", "start_ms": %s, "ok": %s, "rx_bytes": %d, "registry_bytes": %d, "peer_bytes": %d, "cache_bytes": %d, "registry_blocks": %d, "peer_blocks": %d}' \
           "$sep" "$i" "$(cat "${out}/vm${i}.ms" 2>/dev/null || echo null)" \
           "$([[ -s "${out}/vm${i}.out" ]] && echo true || echo false)" "$(cat "${out}/vm${i}.rx")" \
-          "$(metric "$i" bytes_total registry)" "$(metric "$i" bytes_total peer)" \
-          "$(metric "$i" bytes_total cache)" "$(metric "$i" blocks_total registry)" \
-          "$(metric "$i" blocks_total peer)"
+          "$(metric "$m" bytes_total registry)" "$(metric "$m" bytes_total peer)" \
+          "$(metric "$m" bytes_total cache)" "$(metric "$m" blocks_total registry)" \
+          "$(metric "$m" blocks_total peer)"
         sep=", "
       done
       printf ']}\n'
@@ -428,10 +435,12 @@ cmd_status() {
   done
   "$(bin_dir)/coordinator" trees --endpoint "http://${COORD_ADDR}" --admin-token "$ADMIN_TOKEN" 2>/dev/null || true
   printf '%-5s %8s %8s %8s %8s\n' VM cache peer registry served
+  local m
   for ((i = 0; i < n; i++)); do
-    printf '%-5s %8s %8s %8s %8s\n' "vm${i}" "$(metric "$i" blocks_total cache)" \
-      "$(metric "$i" blocks_total peer)" "$(metric "$i" blocks_total registry)" \
-      "$(curl -fsS "http://$(vm_ip "$i"):9111/metrics" 2>/dev/null | awk '$1 == "faasnet_snapshotter_lazy_served_blocks_total" { printf "%d", $2 }')"
+    m="$(scrape "$i")"
+    printf '%-5s %8s %8s %8s %8s\n' "vm${i}" "$(metric "$m" blocks_total cache)" \
+      "$(metric "$m" blocks_total peer)" "$(metric "$m" blocks_total registry)" \
+      "$(metric "$m" served_blocks_total)"
   done
 }
 
