@@ -30,6 +30,8 @@
 # registry (no tree). The baseline (stock containerd, overlayfs, full pull) runs in either mode:
 # `run --baseline` with the original image.
 # State: /var/lib/faasnet-testbed (roots), /run/faasnet-testbed (sockets, logs, pids).
+# Environment: FAASNET_TB_LOG sets the snapshotters' log filter (default info); FAASNET_TB_LAZY
+# adds lines to their [lazy] section on up/reset, e.g. "follow_concurrency = 0" for A/B runs.
 set -euo pipefail
 
 # shellcheck source=lib/common.sh
@@ -99,6 +101,7 @@ peer_listen = "${ip}:9112"
 insecure_registries = ["${REG_ADDR}"]
 prefetch = ${prefetch}
 sibling_exchange = ${sibling}
+${FAASNET_TB_LAZY:-}
 EOF
   if [[ "$mode" == faasnet ]]; then
     cat >>"${TB_RUN}/vm${i}/snapshotter.toml" <<EOF

@@ -27,6 +27,10 @@ fuzz_target!(|data: &[u8]| {
         Ok(None) => assert!(data.len() < REQUEST_HEADER_LEN + MAX_DIGEST_LEN + 4),
         Err(e) => assert!(!e.0.is_empty()),
     }
+    if let Ok(indices) = decode_order_batch(data, 1 << 20) {
+        assert!(!indices.is_empty() && indices.len() <= MAX_ORDER_BATCH);
+        assert_eq!(encode_order_batch(&indices), data);
+    }
     if let Ok(h) = decode_response_header(data) {
         assert!(h.length <= MAX_PAYLOAD);
         assert_eq!(

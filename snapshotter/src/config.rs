@@ -100,6 +100,10 @@ pub struct LazyConfig {
     /// and the other half from each other, so the parent's uplink carries every block once
     /// (docs/lazy.md).
     pub sibling_exchange: bool,
+    /// Fetches in flight per layer while following the parent's start order: a child asks
+    /// for each block as soon as its parent wants it, instead of when its own container
+    /// misses it (docs/lazy.md, "Start order"). 0: do not follow.
+    pub follow_concurrency: usize,
     /// Memory for decompressed blocks (LRU), in bytes: whole-image reads revisit blocks
     /// in directory order, which is not the layer's order.
     pub memory_cache_bytes: u64,
@@ -155,6 +159,7 @@ impl Default for LazyConfig {
             prefetch_run_blocks: 2,
             readahead_blocks: 8,
             sibling_exchange: true,
+            follow_concurrency: 4,
             memory_cache_bytes: 256 << 20,
             unmount_on_exit: false,
         }

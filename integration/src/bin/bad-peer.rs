@@ -9,7 +9,8 @@
 //!   connection closes;
 //! - `--mode short`: a well-formed answer with only the first half of the block.
 //!
-//! Hellos (sibling exchange) are answered "no sibling". It downloads the layers' blobs from
+//! Hellos (sibling exchange) are answered "no sibling", start-order subscriptions with a
+//! batch naming a block no layer has (the child must refuse it). It downloads the layers' blobs from
 //! the registry at start (to have real bytes to damage) and prints `served <n>` to stdout
 //! for every block request, `ready` once it listens and has joined.
 //!
@@ -122,6 +123,15 @@ async fn main() -> anyhow::Result<()> {
                     if req.op == Op::Hello {
                         let answer = HelloAnswer { split: None }.encode();
                         let msg = peer_protocol::encode_response(Status::Ok, &answer);
+                        if conn.write_all(&msg).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    if req.op == Op::StartOrder {
+                        // A start order naming a block no layer has: the child must refuse it.
+                        let msg =
+                            peer_protocol::encode_response(Status::Ok, &u32::MAX.to_le_bytes());
                         if conn.write_all(&msg).await.is_err() {
                             return;
                         }

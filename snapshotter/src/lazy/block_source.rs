@@ -19,7 +19,7 @@ use tracing::{debug, warn, Instrument};
 use super::{
     block_store::{Purpose, FETCH_PURPOSE},
     metrics::LazyMetrics,
-    peer_protocol::Op,
+    peer_protocol::{Class, Op},
     peer_source::PeerSource,
     registry_source::RegistrySource,
     sibling::{Siblings, SIBLING_DEADLINE},
@@ -249,7 +249,10 @@ impl FetchChain {
     ) -> Option<Bytes> {
         let start = Instant::now();
         let source = self.peer_source(sibling);
-        let fetch = source.fetch_op(layer, index, entry, Op::FromSibling);
+        let class = FETCH_PURPOSE
+            .try_with(|p| p.class())
+            .unwrap_or(Class::Urgent);
+        let fetch = source.fetch_op(layer, index, entry, Op::get_block(class, true));
         let result = match tokio::time::timeout(SIBLING_DEADLINE, fetch).await {
             Ok(r) => r,
             Err(_) => Err(LazyError::Timeout {
@@ -299,6 +302,11 @@ impl FetchChain {
         drop(avoided);
         self.peers.lock().unwrap().remove(&peer);
         true
+    }
+
+    /// How long a peer may make no progress before it is given up.
+    pub fn stall_timeout(&self) -> Duration {
+        self.options.stall_timeout
     }
 
     /// The registry source (for the TOC and coalesced prefetch).

@@ -27,6 +27,8 @@ use super::{
     block_cache::LayerCache,
     block_source::{verify_block, FetchChain},
     metrics::LazyMetrics,
+    peer_protocol::Class,
+    start_order::StartOrder,
     LayerRef, LazyError, Result, Source,
 };
 
@@ -38,8 +40,28 @@ pub enum Purpose {
     /// Read-ahead after an on-demand read: nobody waits yet, but soon will, so upstream
     /// peers treat it as urgent; it does not hold prefetch back.
     ReadAhead,
+    /// The parent's start order named the block ([`super::follow`]): this node's container
+    /// will most likely read it soon. Urgent upstream, and holds prefetch back like a read.
+    Follow,
     /// Background prefetch.
     Prefetch,
+}
+
+impl Purpose {
+    /// Whether the block is wanted for a start (anything but background prefetch): such
+    /// blocks join the layer's [`StartOrder`], and a prefetch fetch of them is taken over.
+    pub fn is_for_start(self) -> bool {
+        self != Purpose::Prefetch
+    }
+
+    /// How an upstream peer is to rank the request on its uplink.
+    pub fn class(self) -> Class {
+        match self {
+            Purpose::OnDemand | Purpose::ReadAhead => Class::Urgent,
+            Purpose::Follow => Class::Followed,
+            Purpose::Prefetch => Class::Prefetch,
+        }
+    }
 }
 
 tokio::task_local! {
@@ -201,6 +223,8 @@ pub struct BlockStore {
     metrics: Arc<LazyMetrics>,
     flights: Mutex<Flights>,
     access: Mutex<AccessOrder>,
+    /// The blocks wanted for the start, in order, for the children to follow.
+    start_order: StartOrder,
     readahead: usize,
 }
 
@@ -234,6 +258,7 @@ impl BlockStore {
                 seen: vec![false; n],
                 order: Vec::new(),
             }),
+            start_order: StartOrder::new(n),
             readahead,
         })
     }
@@ -278,6 +303,19 @@ impl BlockStore {
         self.flights.lock().unwrap().in_flight.contains_key(&index)
     }
 
+    /// Whether block `index` is held, or being fetched for a start (not only for prefetch).
+    pub fn is_held_or_coming(&self, index: usize) -> bool {
+        let f = self.flights.lock().unwrap();
+        f.unpersisted.contains_key(&index)
+            || (f.in_flight.contains_key(&index) && !f.prefetching.contains_key(&index))
+            || self.disk.has(index)
+    }
+
+    /// The blocks this node wanted for a start so far, in order (what children follow).
+    pub fn start_order(&self) -> &StartOrder {
+        &self.start_order
+    }
+
     /// Number of blocks on disk.
     pub fn cached_blocks(&self) -> usize {
         self.disk.present_count()
@@ -297,6 +335,9 @@ impl BlockStore {
     /// The stored (compressed, verified) bytes of block `index`: what children are served.
     pub async fn stored_block(self: &Arc<Self>, index: usize, purpose: Purpose) -> Result<Bytes> {
         let entry = self.entry(index)?.clone();
+        if purpose.is_for_start() {
+            self.start_order.note(index);
+        }
         let flight = {
             let mut f = self.flights.lock().unwrap();
             if let Some(b) = f.unpersisted.get(&index) {
@@ -362,7 +403,7 @@ impl BlockStore {
         entry: &BlockEntry,
         purpose: Purpose,
     ) -> Flight {
-        if purpose == Purpose::OnDemand {
+        if matches!(purpose, Purpose::OnDemand | Purpose::Follow) {
             if let Some(task) = f.prefetching.remove(&index) {
                 task.abort();
                 f.in_flight.remove(&index);
@@ -388,16 +429,19 @@ impl BlockStore {
         let flight = Self::flight_from(rx);
         flights.in_flight.insert(index, flight.clone());
         let me = self.clone();
-        let guard = (purpose == Purpose::OnDemand).then(|| self.gate.enter());
+        let guard =
+            matches!(purpose, Purpose::OnDemand | Purpose::Follow).then(|| self.gate.enter());
         let task = tokio::spawn(FETCH_PURPOSE.scope(purpose, async move {
             let result = me.chain.fetch(&me.layer, index, &entry).await;
             drop(guard);
             let result = match result {
                 Ok((bytes, source)) => {
                     me.metrics.obtained(source, bytes.len() as u64);
-                    if purpose == Purpose::Prefetch {
-                        me.metrics.prefetched_blocks.inc();
-                    }
+                    match purpose {
+                        Purpose::Prefetch => me.metrics.prefetched_blocks.inc(),
+                        Purpose::Follow => me.metrics.followed_blocks.inc(),
+                        _ => 0,
+                    };
                     me.landed(index, bytes.clone());
                     Ok(bytes)
                 }
@@ -447,6 +491,7 @@ impl BlockStore {
 
     /// Starts fetching block `index` unless it is held or already in flight; nobody waits.
     fn fetch_in_background(self: &Arc<Self>, index: usize) {
+        self.start_order.note(index);
         let mut f = self.flights.lock().unwrap();
         if f.in_flight.contains_key(&index)
             || f.unpersisted.contains_key(&index)

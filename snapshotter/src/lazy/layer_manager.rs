@@ -17,6 +17,7 @@ use super::{
     block_cache::BlockCache,
     block_source::{ChainOptions, FetchChain, StaticUpstream, UpstreamProvider},
     block_store::{BlockStore, FetchGate, MemCache},
+    follow::{self, FollowReport},
     fuse_fs::{LayerMount, MountSettings, ResumedSession},
     fuse_handover::{self, FdStore},
     metrics::LazyMetrics,
@@ -56,6 +57,8 @@ pub struct LayerOptions {
     pub readahead_blocks: usize,
     /// Whether children of one parent split blocks between them (needs a peer server).
     pub sibling_exchange: bool,
+    /// Fetches in flight per layer following the parent's start order (0: do not follow).
+    pub follow_concurrency: usize,
     /// This node's peer address as others reach it; default: `peer_listen` when it is not
     /// a wildcard (without either, no sibling exchange).
     pub peer_advertise: Option<String>,
@@ -81,6 +84,7 @@ impl Default for LayerOptions {
             fuse_threads: 4,
             readahead_blocks: 8,
             sibling_exchange: true,
+            follow_concurrency: 4,
             peer_advertise: None,
             handover_socket: None,
         }
@@ -102,6 +106,7 @@ impl LayerOptions {
             prefetch_run_blocks: lazy.prefetch_run_blocks,
             readahead_blocks: lazy.readahead_blocks,
             sibling_exchange: lazy.sibling_exchange,
+            follow_concurrency: lazy.follow_concurrency,
             peer_advertise: lazy.peer_advertise.clone(),
             mem_cache_bytes: lazy.memory_cache_bytes as usize,
             handover_socket: Some(config.root.join(HANDOVER_SOCKET)),
@@ -138,6 +143,22 @@ fn save_toc(path: &Path, toc: &Toc) -> std::io::Result<()> {
 struct Mounted {
     mount: LayerMount,
     prefetch: Option<tokio::task::JoinHandle<PrefetchReport>>,
+    follow: Option<tokio::task::JoinHandle<FollowReport>>,
+}
+
+impl Mounted {
+    /// Stops the layer's background work (prefetch, following the parent).
+    fn stop_background(&self) {
+        for task in [
+            self.prefetch.as_ref().map(|t| t.abort_handle()),
+            self.follow.as_ref().map(|t| t.abort_handle()),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            task.abort();
+        }
+    }
 }
 
 /// The lazy layers of this node.
@@ -421,7 +442,17 @@ impl LayerManager {
                 },
             )
         });
-        mounts.insert(mountpoint.to_path_buf(), Mounted { mount, prefetch });
+        // Every mount follows: a node that is the root now may get a parent later.
+        let follow = (self.options.follow_concurrency > 0)
+            .then(|| follow::spawn_follow(store.clone(), self.options.follow_concurrency));
+        mounts.insert(
+            mountpoint.to_path_buf(),
+            Mounted {
+                mount,
+                prefetch,
+                follow,
+            },
+        );
         info!(layer = %layer, mountpoint = %mountpoint.display(), "lazy layer ready");
         Ok(())
     }
@@ -555,9 +586,7 @@ impl LayerManager {
         let Some(m) = self.mounts.lock().await.remove(mountpoint) else {
             return Ok(false);
         };
-        if let Some(p) = m.prefetch {
-            p.abort();
-        }
+        m.stop_background();
         let store = m.mount.store().clone();
         self.save_access_order(&store);
         let result = m.mount.unmount().await;
@@ -586,9 +615,7 @@ impl LayerManager {
         }
         let mounts: Vec<(PathBuf, Mounted)> = self.mounts.lock().await.drain().collect();
         for (mp, m) in mounts {
-            if let Some(p) = m.prefetch {
-                p.abort();
-            }
+            m.stop_background();
             self.save_access_order(m.mount.store());
             m.mount.leave_mounted();
             debug!(mountpoint = %mp.display(), "left mounted for the next process");

@@ -49,6 +49,9 @@ pub struct LazyMetrics {
     pub evicted_layers: Counter,
     /// Blocks obtained from the sibling (counted under `peer` in `blocks` too).
     pub sibling_blocks: Counter,
+    /// Blocks fetched because the parent's start order named them (docs/lazy.md, "Start
+    /// order"), before this node's container read them.
+    pub followed_blocks: Counter,
 }
 
 impl Default for LazyMetrics {
@@ -65,6 +68,7 @@ impl Default for LazyMetrics {
             prefetched_blocks: Counter::default(),
             evicted_layers: Counter::default(),
             sibling_blocks: Counter::default(),
+            followed_blocks: Counter::default(),
         }
     }
 }
@@ -122,6 +126,11 @@ impl LazyMetrics {
             "sibling_blocks",
             "Blocks obtained from the sibling (also counted as peer blocks)",
             self.sibling_blocks.clone(),
+        );
+        registry.register(
+            "followed_blocks",
+            "Blocks fetched because the parent's start order named them",
+            self.followed_blocks.clone(),
         );
     }
 

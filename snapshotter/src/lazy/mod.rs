@@ -33,6 +33,7 @@ use std::fmt;
 pub mod block_cache;
 pub mod block_source;
 pub mod block_store;
+pub mod follow;
 pub mod function_trees;
 pub mod fuse_fs;
 pub mod fuse_handover;
@@ -45,6 +46,7 @@ pub mod prefetch;
 pub mod registry_source;
 pub mod remote;
 pub mod sibling;
+pub mod start_order;
 
 pub use block_source::{FetchChain, StaticUpstream, Upstream, UpstreamProvider};
 pub use layer_manager::{LayerManager, LayerOptions};

@@ -17,7 +17,19 @@
 //! - 4 = hello from a child: the "digest" field carries the child's peer address, the answer
 //!   (status ok) is `side=<0|1> sibling=<addr>` or `side=-`: which half of the blocks the
 //!   child fetches from this parent, and from which sibling it gets the other half
-//!   (docs/lazy.md, "Sibling exchange").
+//!   (docs/lazy.md, "Sibling exchange");
+//! - 5 = start order: a child subscribes to the order in which this node wants the blocks
+//!   of a layer for the start (its container's reads, read-ahead, what it follows itself),
+//!   from position `index` of that order on. The answer never ends: each [`Status::Ok`]
+//!   response carries a batch of block indices (u32 each, [`encode_order_batch`]),
+//!   keep-alives fill the pauses. The connection carries nothing else (docs/lazy.md, "Start
+//!   order");
+//! - 6 = get block the start order named (nobody waits yet, but soon will): served after
+//!   every urgent block and before any prefetch block;
+//! - 7 = the same, asked by a sibling (answered only for the asked node's half, as 3).
+//!
+//! A node's uplink sends one block at a time, by class: urgent (1, 3), then followed (6, 7),
+//! then prefetch (2); first come first served within a class.
 //!
 //! A response with status [`Status::KeepAlive`] (length 0) says "still fetching that block
 //! from my own upstream": the peer sends one every [`KEEPALIVE_INTERVAL_MS`] so that the
@@ -43,6 +55,14 @@ pub const OP_PREFETCH_BLOCK: u8 = 2;
 pub const OP_SIBLING_BLOCK: u8 = 3;
 /// Operation: a child says hello to its parent.
 pub const OP_HELLO: u8 = 4;
+/// Operation: a child subscribes to its parent's start order of a layer.
+pub const OP_START_ORDER: u8 = 5;
+/// Operation: get one block the start order named.
+pub const OP_FOLLOWED_BLOCK: u8 = 6;
+/// Operation: get one block the start order named, asked by a sibling.
+pub const OP_FOLLOWED_SIBLING_BLOCK: u8 = 7;
+/// Most block indices in one batch of a start-order stream.
+pub const MAX_ORDER_BATCH: usize = 4096;
 /// Largest digest string accepted in a request.
 pub const MAX_DIGEST_LEN: usize = 128;
 /// Largest payload accepted: the largest stored block (4 MiB of raw data plus LZ4's worst
@@ -76,6 +96,24 @@ pub enum Op {
     FromSibling,
     /// A child's hello; `digest` holds its peer address.
     Hello,
+    /// A child subscribes to the start order of layer `digest` from position `index` on.
+    StartOrder,
+    /// A block the start order named: served after urgent blocks, before prefetch.
+    Followed,
+    /// A block the start order named, asked by a sibling; served only from the asked node's
+    /// own half.
+    FollowedFromSibling,
+}
+
+/// In which order a node's uplink sends the blocks it was asked for (lowest first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Class {
+    /// Someone waits for the block.
+    Urgent = 0,
+    /// The start order named it: someone will wait for it soon.
+    Followed = 1,
+    /// Background prefetch.
+    Prefetch = 2,
 }
 
 impl Op {
@@ -85,7 +123,37 @@ impl Op {
             Op::Prefetch => OP_PREFETCH_BLOCK,
             Op::FromSibling => OP_SIBLING_BLOCK,
             Op::Hello => OP_HELLO,
+            Op::StartOrder => OP_START_ORDER,
+            Op::Followed => OP_FOLLOWED_BLOCK,
+            Op::FollowedFromSibling => OP_FOLLOWED_SIBLING_BLOCK,
         }
+    }
+
+    /// The op that asks for a block of `class`, of a sibling or not.
+    pub fn get_block(class: Class, from_sibling: bool) -> Op {
+        match (class, from_sibling) {
+            (Class::Urgent, false) => Op::Urgent,
+            (Class::Urgent, true) => Op::FromSibling,
+            (Class::Followed, false) => Op::Followed,
+            (Class::Followed, true) => Op::FollowedFromSibling,
+            // A sibling is never asked for prefetch (docs/lazy.md); the parent is.
+            (Class::Prefetch, _) => Op::Prefetch,
+        }
+    }
+
+    /// The class of a block request; `None` for the other ops.
+    pub fn class(self) -> Option<Class> {
+        match self {
+            Op::Urgent | Op::FromSibling => Some(Class::Urgent),
+            Op::Followed | Op::FollowedFromSibling => Some(Class::Followed),
+            Op::Prefetch => Some(Class::Prefetch),
+            Op::Hello | Op::StartOrder => None,
+        }
+    }
+
+    /// Whether a sibling asks (answered only for the asked node's half).
+    pub fn is_from_sibling(self) -> bool {
+        matches!(self, Op::FromSibling | Op::FollowedFromSibling)
     }
 
     fn from_wire(b: u8) -> Option<Op> {
@@ -94,6 +162,9 @@ impl Op {
             OP_PREFETCH_BLOCK => Op::Prefetch,
             OP_SIBLING_BLOCK => Op::FromSibling,
             OP_HELLO => Op::Hello,
+            OP_START_ORDER => Op::StartOrder,
+            OP_FOLLOWED_BLOCK => Op::Followed,
+            OP_FOLLOWED_SIBLING_BLOCK => Op::FollowedFromSibling,
             _ => return None,
         })
     }
@@ -259,6 +330,35 @@ impl HelloAnswer {
     }
 }
 
+/// The payload of one batch of a start-order stream ([`Op::StartOrder`]): the indices, u32
+/// little-endian each. At most [`MAX_ORDER_BATCH`] indices; callers split longer runs.
+pub fn encode_order_batch(indices: &[u32]) -> Vec<u8> {
+    debug_assert!(!indices.is_empty() && indices.len() <= MAX_ORDER_BATCH);
+    indices.iter().flat_map(|i| i.to_le_bytes()).collect()
+}
+
+/// Decodes a start-order batch of a layer of `block_count` blocks: a non-empty whole number
+/// of u32 indices, at most [`MAX_ORDER_BATCH`], each below `block_count`.
+pub fn decode_order_batch(payload: &[u8], block_count: usize) -> Result<Vec<u32>, ProtocolError> {
+    if payload.is_empty() || !payload.len().is_multiple_of(4) || payload.len() / 4 > MAX_ORDER_BATCH {
+        return err(format!(
+            "start-order batch of {} bytes (want 4..={} in steps of 4)",
+            payload.len(),
+            MAX_ORDER_BATCH * 4
+        ));
+    }
+    let indices: Vec<u32> = payload
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    match indices.iter().find(|&&i| i as usize >= block_count) {
+        Some(bad) => err(format!(
+            "start order names block {bad} of a layer of {block_count} blocks"
+        )),
+        None => Ok(indices),
+    }
+}
+
 /// Serializes a response header.
 pub fn encode_response_header(status: Status, length: u32) -> [u8; RESPONSE_HEADER_LEN] {
     let mut h = [0u8; RESPONSE_HEADER_LEN];
@@ -365,7 +465,15 @@ mod tests {
 
     #[test]
     fn ops_and_hello_answers_roundtrip() {
-        for op in [Op::Urgent, Op::Prefetch, Op::FromSibling, Op::Hello] {
+        for op in [
+            Op::Urgent,
+            Op::Prefetch,
+            Op::FromSibling,
+            Op::Hello,
+            Op::StartOrder,
+            Op::Followed,
+            Op::FollowedFromSibling,
+        ] {
             let req = BlockRequest {
                 digest: "10.0.0.1:9112".into(),
                 index: 3,
@@ -396,9 +504,38 @@ mod tests {
         assert!(HelloAnswer::decode(b"\xff").is_err());
     }
 
+    #[test]
+    fn block_ops_map_to_classes_and_back() {
+        for class in [Class::Urgent, Class::Followed] {
+            for sibling in [false, true] {
+                let op = Op::get_block(class, sibling);
+                assert_eq!((op.class(), op.is_from_sibling()), (Some(class), sibling));
+            }
+        }
+        assert_eq!(Op::get_block(Class::Prefetch, true), Op::Prefetch);
+        assert_eq!(Op::Hello.class(), None);
+        assert!(Class::Urgent < Class::Followed && Class::Followed < Class::Prefetch);
+    }
+
+    #[test]
+    fn order_batches_roundtrip_and_are_bounded() {
+        let batch = [0u32, 7, 3, 41];
+        assert_eq!(
+            decode_order_batch(&encode_order_batch(&batch), 42).unwrap(),
+            batch
+        );
+        let past = decode_order_batch(&encode_order_batch(&batch), 41).unwrap_err();
+        assert!(past.0.contains("block 41 of a layer of 41"), "{past}");
+        assert!(decode_order_batch(&[], 10).is_err());
+        assert!(decode_order_batch(&[1, 0, 0], 10).is_err());
+        let too_long = vec![0u8; (MAX_ORDER_BATCH + 1) * 4];
+        assert!(decode_order_batch(&too_long, 10).is_err());
+    }
+
     proptest! {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode_order_batch(&bytes, 16);
             let _ = decode_request(&bytes);
             let _ = decode_response(&bytes);
             let _ = decode_response_header(&bytes);

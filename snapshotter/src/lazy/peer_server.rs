@@ -16,12 +16,9 @@
 //! child's start would queue behind its sibling's prefetch.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
     net::SocketAddr,
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        Arc, RwLock,
-    },
+    sync::{Arc, Mutex, RwLock},
     time::Duration,
 };
 
@@ -36,7 +33,9 @@ use tracing::{debug, info, warn, Instrument};
 use super::{
     block_store::{BlockStore, Purpose},
     metrics::LazyMetrics,
-    peer_protocol::{self, Op, Status, KEEPALIVE_INTERVAL_MS, REQUEST_HEADER_LEN},
+    peer_protocol::{
+        self, Class, Op, Status, KEEPALIVE_INTERVAL_MS, MAX_ORDER_BATCH, REQUEST_HEADER_LEN,
+    },
     sibling::Children,
     LazyError, Result,
 };
@@ -59,39 +58,82 @@ struct Shared {
     metrics: Arc<LazyMetrics>,
 }
 
-/// Strict priority on this node's uplink: urgent blocks being written hold prefetch back.
+/// This node's uplink, shared by its children: one block is written at a time, urgent blocks
+/// first, then blocks the start order named, then prefetch; first come first served within
+/// a class. One at a time keeps the link's queue short (several blocks written at once sit
+/// in the link's queue together, and so does everything this node sends meanwhile: its own
+/// requests upstream wait behind them) and finishes the first block first.
 #[derive(Default)]
 struct Uplink {
-    urgent_writes: AtomicUsize,
-    idle: Notify,
+    state: Mutex<UplinkState>,
+    changed: Notify,
+}
+
+#[derive(Default)]
+struct UplinkState {
+    busy: bool,
+    seq: u64,
+    /// Writers waiting for their turn, in the order they get it.
+    waiting: BTreeSet<(Class, u64)>,
 }
 
 impl Uplink {
-    /// Marks an urgent write until the guard drops.
-    fn urgent(&self) -> UrgentWrite<'_> {
-        self.urgent_writes.fetch_add(1, Ordering::AcqRel);
-        UrgentWrite(self)
-    }
-
-    /// Waits until no urgent block is being written.
-    async fn wait_no_urgent(&self) {
+    /// Waits for the turn of a block of `class`; the uplink is this writer's until the turn
+    /// drops. Cancel-safe: a writer that gives up leaves the queue.
+    async fn turn(&self, class: Class) -> UplinkTurn<'_> {
+        let key = {
+            let mut s = self.state.lock().unwrap();
+            s.seq += 1;
+            let key = (class, s.seq);
+            s.waiting.insert(key);
+            key
+        };
+        let mut waiter = Waiter {
+            uplink: self,
+            key,
+            served: false,
+        };
         loop {
-            let idle = self.idle.notified();
-            if self.urgent_writes.load(Ordering::Acquire) == 0 {
-                return;
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            {
+                let mut s = self.state.lock().unwrap();
+                if !s.busy && s.waiting.first() == Some(&key) {
+                    s.waiting.remove(&key);
+                    s.busy = true;
+                    waiter.served = true;
+                    return UplinkTurn(self);
+                }
             }
-            idle.await;
+            changed.await;
         }
     }
 }
 
-struct UrgentWrite<'a>(&'a Uplink);
+/// A writer in the uplink's queue; leaves it when dropped before its turn came.
+struct Waiter<'a> {
+    uplink: &'a Uplink,
+    key: (Class, u64),
+    served: bool,
+}
 
-impl Drop for UrgentWrite<'_> {
+impl Drop for Waiter<'_> {
     fn drop(&mut self) {
-        if self.0.urgent_writes.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.idle.notify_waiters();
+        if !self.served {
+            self.uplink.state.lock().unwrap().waiting.remove(&self.key);
+            self.uplink.changed.notify_waiters();
         }
+    }
+}
+
+/// The uplink is this writer's until dropped.
+struct UplinkTurn<'a>(&'a Uplink);
+
+impl Drop for UplinkTurn<'_> {
+    fn drop(&mut self) {
+        self.0.state.lock().unwrap().busy = false;
+        self.0.changed.notify_waiters();
     }
 }
 
@@ -252,6 +294,10 @@ async fn serve_requests(stream: &mut TcpStream, shared: &Shared) -> Result<()> {
             stream.write_all(&msg).await.map_err(io)?;
             continue;
         };
+        if req.op == Op::StartOrder {
+            // The connection is the child's start-order stream from now on.
+            return serve_follow(stream, &store, req.index as usize).await;
+        }
         let index = req.index as usize;
         if index >= store.block_count() {
             shared.metrics.serve_errors.inc();
@@ -264,16 +310,18 @@ async fn serve_requests(stream: &mut TcpStream, shared: &Shared) -> Result<()> {
         }
         // A sibling gets only blocks this node fetches from the parent itself (or holds):
         // anything else would be asked of the sibling again.
-        if req.op == Op::FromSibling && !store.has_block(index) && !store.chain().owns(index) {
+        if req.op.is_from_sibling() && !store.has_block(index) && !store.chain().owns(index) {
             let msg = encode_err(Status::Unavailable, "not in this node's half");
             stream.write_all(&msg).await.map_err(io)?;
             continue;
         }
-        // An urgent request competes with local reads, not with prefetch; a prefetch request
-        // is fetched (if need be) as prefetch here too.
-        let purpose = match req.op {
-            Op::Prefetch => Purpose::Prefetch,
-            _ => Purpose::OnDemand,
+        // A block is fetched here (if need be) for what the child wants it for: an urgent
+        // request competes with local reads, a prefetch request is prefetch here too.
+        let class = req.op.class().unwrap_or(Class::Urgent);
+        let purpose = match class {
+            Class::Urgent => Purpose::OnDemand,
+            Class::Followed => Purpose::Follow,
+            Class::Prefetch => Purpose::Prefetch,
         };
         let fetch = store.stored_block(index, purpose);
         tokio::pin!(fetch);
@@ -290,23 +338,18 @@ async fn serve_requests(stream: &mut TcpStream, shared: &Shared) -> Result<()> {
         };
         match result {
             Ok(bytes) => {
-                let _urgent = match req.op {
-                    Op::Prefetch => {
-                        // Keep-alives meanwhile: a long start on a sibling is not a stall.
-                        let wait = shared.uplink.wait_no_urgent();
-                        tokio::pin!(wait);
-                        loop {
-                            tokio::select! {
-                                () = &mut wait => break,
-                                _ = keepalive.tick() => {
-                                    let h = peer_protocol::encode_response_header(Status::KeepAlive, 0);
-                                    stream.write_all(&h).await.map_err(io)?;
-                                }
-                            }
+                // Keep-alives while waiting for the uplink: a long start on a sibling is
+                // not a stall.
+                let turn = shared.uplink.turn(class);
+                tokio::pin!(turn);
+                let _turn = loop {
+                    tokio::select! {
+                        t = &mut turn => break t,
+                        _ = keepalive.tick() => {
+                            let h = peer_protocol::encode_response_header(Status::KeepAlive, 0);
+                            stream.write_all(&h).await.map_err(io)?;
                         }
-                        None
                     }
-                    _ => Some(shared.uplink.urgent()),
                 };
                 let h = peer_protocol::encode_response_header(Status::Ok, bytes.len() as u32);
                 stream.write_all(&h).await.map_err(io)?;
@@ -319,6 +362,36 @@ async fn serve_requests(stream: &mut TcpStream, shared: &Shared) -> Result<()> {
                 warn!(layer = %req.digest, index, error = %e, "cannot serve block to a child");
                 let msg = encode_err(Status::Unavailable, &e.to_string());
                 stream.write_all(&msg).await.map_err(io)?;
+            }
+        }
+    }
+}
+
+/// Streams `store`'s start order from position `from` on, as it grows, with keep-alives in
+/// the pauses, until the child hangs up (docs/lazy.md, "Start order").
+async fn serve_follow(stream: &mut TcpStream, store: &BlockStore, from: usize) -> Result<()> {
+    let io = |e| LazyError::io("peer connection (start order)", e);
+    let order = store.start_order();
+    let mut pos = from;
+    let mut keepalive = tokio::time::interval(Duration::from_millis(KEEPALIVE_INTERVAL_MS));
+    keepalive.tick().await; // the first tick is immediate
+    loop {
+        let batch = order.since(pos, MAX_ORDER_BATCH);
+        if !batch.is_empty() {
+            pos += batch.len();
+            let msg = peer_protocol::encode_response(
+                Status::Ok,
+                &peer_protocol::encode_order_batch(&batch),
+            );
+            stream.write_all(&msg).await.map_err(io)?;
+            keepalive.reset();
+            continue;
+        }
+        tokio::select! {
+            () = order.grown_past(pos) => {}
+            _ = keepalive.tick() => {
+                let h = peer_protocol::encode_response_header(Status::KeepAlive, 0);
+                stream.write_all(&h).await.map_err(io)?;
             }
         }
     }
@@ -373,32 +446,40 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn prefetch_waits_for_urgent_writes() {
-        let uplink = Uplink::default();
-        // Nothing urgent: prefetch goes at once.
-        tokio::time::timeout(Duration::from_millis(100), uplink.wait_no_urgent())
-            .await
-            .expect("idle uplink");
-        let first = uplink.urgent();
-        let second = uplink.urgent();
-        let wait = uplink.wait_no_urgent();
-        tokio::pin!(wait);
+    async fn uplink_turns_go_one_at_a_time_by_class() {
+        let uplink = Arc::new(Uplink::default());
+        let order = Arc::new(Mutex::new(Vec::new()));
+        // The uplink is taken; then a prefetch, a followed and two urgent writers queue up.
+        let first = uplink.turn(Class::Prefetch).await;
+        let mut tasks = Vec::new();
+        for (name, class) in [
+            ("prefetch", Class::Prefetch),
+            ("followed", Class::Followed),
+            ("urgent-1", Class::Urgent),
+            ("urgent-2", Class::Urgent),
+        ] {
+            let (uplink, order) = (uplink.clone(), order.clone());
+            tasks.push(tokio::spawn(async move {
+                let _turn = uplink.turn(class).await;
+                order.lock().unwrap().push(name);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         assert!(
-            tokio::time::timeout(Duration::from_millis(50), &mut wait)
-                .await
-                .is_err(),
-            "prefetch must wait while urgent blocks are written"
+            order.lock().unwrap().is_empty(),
+            "nobody writes while it is taken"
         );
+        // A writer that gives up leaves the queue without blocking the others.
+        let gave_up = tokio::time::timeout(Duration::from_millis(10), uplink.turn(Class::Urgent));
+        assert!(gave_up.await.is_err());
         drop(first);
-        assert!(
-            tokio::time::timeout(Duration::from_millis(50), &mut wait)
-                .await
-                .is_err(),
-            "one urgent write is still going"
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(
+            *order.lock().unwrap(),
+            ["urgent-1", "urgent-2", "followed", "prefetch"]
         );
-        drop(second);
-        tokio::time::timeout(Duration::from_millis(100), &mut wait)
-            .await
-            .expect("prefetch goes once the urgent writes are done");
     }
 }

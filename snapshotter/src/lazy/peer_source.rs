@@ -16,8 +16,8 @@ use tokio::{
 
 use super::{
     block_source::BlockSource,
-    block_store::{Purpose, FETCH_PURPOSE},
-    peer_protocol::{self, BlockRequest, Op, Status, RESPONSE_HEADER_LEN},
+    block_store::FETCH_PURPOSE,
+    peer_protocol::{self, BlockRequest, Class, Op, Status, RESPONSE_HEADER_LEN},
     LayerRef, LazyError, Result,
 };
 
@@ -204,14 +204,84 @@ impl PeerSource {
     }
 }
 
+/// A parent's start order of one layer, as it streams it ([`PeerSource::follow`]).
+pub struct OrderStream {
+    conn: TcpStream,
+    source_addr: SocketAddr,
+    stall: Duration,
+    block_count: usize,
+}
+
+impl OrderStream {
+    /// The next message: `Some(indices)` for a batch, `None` for a keep-alive. An error ends
+    /// the stream (the parent stalled, hung up, answered an error, or sent garbage).
+    pub async fn next(&mut self) -> Result<Option<Vec<u32>>> {
+        let source = PeerSource::new(self.source_addr, self.stall);
+        let mut h = [0u8; RESPONSE_HEADER_LEN];
+        source.read_exact_stalling(&mut self.conn, &mut h).await?;
+        let header = peer_protocol::decode_response_header(&h)
+            .map_err(|e| LazyError::Protocol(format!("from {}: {e}", self.source_addr)))?;
+        // A batch is at most MAX_ORDER_BATCH indices (error messages are shorter still);
+        // anything longer is not one.
+        if header.length as usize > peer_protocol::MAX_ORDER_BATCH * 4 {
+            return Err(LazyError::Protocol(format!(
+                "from {}: start-order message of {} bytes",
+                self.source_addr, header.length
+            )));
+        }
+        let mut payload = vec![0u8; header.length as usize];
+        source
+            .read_exact_stalling(&mut self.conn, &mut payload)
+            .await?;
+        match header.status {
+            Status::KeepAlive => Ok(None),
+            Status::Ok => peer_protocol::decode_order_batch(&payload, self.block_count)
+                .map(Some)
+                .map_err(|e| LazyError::Protocol(format!("from {}: {e}", self.source_addr))),
+            status => Err(source.err(format!(
+                "answered {status:?}: {}",
+                String::from_utf8_lossy(&payload)
+            ))),
+        }
+    }
+}
+
+impl PeerSource {
+    /// Subscribes to this peer's start order of `layer` (a layer of `block_count` blocks)
+    /// from position `from` on, on a connection of its own.
+    pub async fn follow(
+        &self,
+        layer: &LayerRef,
+        block_count: usize,
+        from: usize,
+    ) -> Result<OrderStream> {
+        let mut conn = self.connect().await?;
+        let req = peer_protocol::encode_request(&BlockRequest {
+            digest: layer.digest.clone(),
+            index: from.min(u32::MAX as usize) as u32,
+            op: Op::StartOrder,
+        });
+        tokio::time::timeout(self.stall, conn.write_all(&req))
+            .await
+            .map_err(|_| self.stalled())?
+            .map_err(|e| self.err(format!("write: {e}")))?;
+        Ok(OrderStream {
+            conn,
+            source_addr: self.addr,
+            stall: self.stall,
+            block_count,
+        })
+    }
+}
+
 #[async_trait]
 impl BlockSource for PeerSource {
     async fn fetch(&self, layer: &LayerRef, index: usize, entry: &BlockEntry) -> Result<Bytes> {
-        // Prefetch asks the peer to serve it last (its uplink is shared by its children).
-        let op = match FETCH_PURPOSE.try_with(|p| *p) {
-            Ok(Purpose::Prefetch) => Op::Prefetch,
-            _ => Op::Urgent,
-        };
+        // The peer's uplink is shared by its children: say how urgent the block is.
+        let class = FETCH_PURPOSE
+            .try_with(|p| p.class())
+            .unwrap_or(Class::Urgent);
+        let op = Op::get_block(class, false);
         self.fetch_op(layer, index, entry, op).await
     }
 }
