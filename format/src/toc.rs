@@ -42,6 +42,11 @@ pub struct Toc {
     pub blocks: Vec<BlockEntry>,
     /// Tar entries, in archive order.
     pub entries: Vec<TocEntry>,
+    /// Blocks `0..start_blocks` hold the files a recorded start of the image read, in the
+    /// order it read them (the converter's start profile): a reader fetches them first, in
+    /// order. 0: no profile.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub start_blocks: u32,
 }
 
 /// The original layer blob a converted layer came from.
@@ -271,6 +276,12 @@ impl Toc {
         }
         if !is_sha256_digest(&self.diff_id) {
             return Err(bad(format!("malformed diffID {:?}", self.diff_id)));
+        }
+        if self.start_blocks as usize > n {
+            return Err(bad(format!(
+                "start_blocks is {}, the layer has {n} blocks",
+                self.start_blocks
+            )));
         }
         if self.entries.len() as u64 > self.tar_size / TAR_HEADER_SIZE {
             return Err(bad(format!(

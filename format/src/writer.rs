@@ -27,6 +27,9 @@ pub struct ConvertOptions {
     pub threads: usize,
     /// The original layer, recorded in the TOC.
     pub original: Option<OriginalLayer>,
+    /// Tar bytes at the start of the stream that hold the start profile's files (see
+    /// [`Toc::start_blocks`]); 0: none.
+    pub start_bytes: u64,
 }
 
 impl Default for ConvertOptions {
@@ -35,6 +38,7 @@ impl Default for ConvertOptions {
             block_size: crate::DEFAULT_BLOCK_SIZE,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             original: None,
+            start_bytes: 0,
         }
     }
 }
@@ -137,6 +141,10 @@ where
             tar_size,
             diff_id,
             original: opts.original.clone(),
+            start_blocks: opts
+                .start_bytes
+                .min(tar_size)
+                .div_ceil(opts.block_size as u64) as u32,
             blocks,
             entries,
         };

@@ -53,6 +53,7 @@ fn layer() -> (Vec<u8>, Vec<u8>, ConvertedLayer) {
         block_size: BS,
         threads: 1,
         original: None,
+        start_bytes: 0,
     };
     let mut blob = Vec::new();
     let layer = convert_layer(&tar[..], &mut blob, &opts, &|_| {}).unwrap();
@@ -357,6 +358,11 @@ fn absurd_counts_and_values_are_refused() {
     let mut t = layer.toc.clone();
     t.version = 2;
     refused(&blob, &layer, &t, "unsupported version");
+
+    // A start profile longer than the layer.
+    let mut t = layer.toc.clone();
+    t.start_blocks = t.blocks.len() as u32 + 1;
+    refused(&blob, &layer, &t, "start_blocks is");
 }
 
 #[test]

@@ -83,6 +83,7 @@ fn convert(tar: &[u8], block_size: u32) -> (Vec<u8>, faasnet_format::ConvertedLa
         block_size,
         threads: 3,
         original: None,
+        start_bytes: 0,
     };
     let mut blob = Vec::new();
     let layer = convert_layer(tar, &mut blob, &opts, &|_| {}).unwrap();

@@ -14,6 +14,7 @@ fuzz_target!(|data: &[u8]| {
         block_size: 64 * 1024,
         threads: 1,
         original: None,
+        start_bytes: 0,
     };
     let mut blob = Vec::new();
     match convert_layer(data, &mut blob, &opts, &|_| {}) {

@@ -317,6 +317,7 @@ async fn convert_one(
             media_type: desc.media_type.clone(),
             size: desc.size,
         }),
+        start_bytes: 0,
     };
     let cancel = CancelOnDrop::default();
     let job = LayerJob {

@@ -1060,6 +1060,7 @@ mod tests {
             original: None,
             blocks: Vec::new(),
             entries: Vec::new(),
+            start_blocks: 0,
         };
         toc.entries = vec![
             entry("b", EntryKind::Dir),

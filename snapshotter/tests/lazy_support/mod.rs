@@ -253,6 +253,7 @@ pub fn convert(tar: &[u8]) -> (Vec<u8>, ConvertedLayer) {
         block_size: faasnet_format::MIN_BLOCK_SIZE,
         threads: 2,
         original: None,
+        start_bytes: 0,
     };
     let converted = convert_layer(tar, &mut blob, &opts, &|_| {}).unwrap();
     (blob, converted)
