@@ -198,7 +198,14 @@ async fn child_follows_its_parents_start_order() {
         .iter()
         .map(|p| (p.to_string(), s.files[*p].clone()))
         .collect();
-    read_all_and_compare(&mnt_a, &subset).await;
+    // In this order (the start profile below records it).
+    for p in read {
+        read_all_and_compare(
+            &mnt_a,
+            &HashMap::from([(p.to_string(), s.files[p].clone())]),
+        )
+        .await;
+    }
     assert_eq!(am.blocks_from(Source::Registry), want.len() as u64);
 
     // B fetched exactly those blocks from A, because A's start order named them.
@@ -219,6 +226,40 @@ async fn child_follows_its_parents_start_order() {
 
     b.unmount(&mnt_b).await.unwrap();
     a.unmount(&mnt_a).await.unwrap();
+    // A kept what its start read, in order: the layer's part of a start profile.
+    let profile = s
+        .dir
+        .path()
+        .join("a/cache/start-files")
+        .join(s.layer.digest_hex());
+    assert_eq!(
+        std::fs::read_to_string(profile).unwrap(),
+        "app/file4\napp/file1\n"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_profiled_layer_fetches_its_start_blocks_at_mount() {
+    let registry = Registry::start();
+    let (tar, files) = layer_tar();
+    // As if the converter had put a start profile's files in the first 3 blocks.
+    let (blob, converted) = convert_with(&tar, 3 * faasnet_format::MIN_BLOCK_SIZE as u64);
+    assert_eq!(converted.toc.start_blocks, 3);
+    let digest = registry.push_blob(REPO, &blob).await;
+    let layer = LayerRef::new(registry.addr.clone(), REPO, digest).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, am) = manager(&dir.path().join("a"), false, false);
+    let mnt = mountpoint(dir.path(), "mnt");
+    a.mount(&layer, None, StaticUpstream::root(), &mnt)
+        .await
+        .unwrap();
+    // Nobody reads; prefetch is off: the start blocks come anyway, and only they.
+    wait_for(|| am.followed_blocks.get() == 3).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(am.followed_blocks.get(), 3);
+    assert_eq!(am.blocks_from(Source::Registry), 3);
+    read_all_and_compare(&mnt, &files).await;
+    a.unmount(&mnt).await.unwrap();
 }
 
 /// A peer that answers every request with the right block, one byte flipped.

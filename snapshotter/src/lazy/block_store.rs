@@ -209,6 +209,14 @@ struct AccessOrder {
     order: Vec<u32>,
 }
 
+/// Files whose data was read, by data offset in the tar stream, in first-read order (the
+/// start profile the converter can lay the layer out by).
+#[derive(Default)]
+struct FilesRead {
+    seen: std::collections::HashSet<u64>,
+    order: Vec<u64>,
+}
+
 static NEXT_LAYER_ID: AtomicU64 = AtomicU64::new(1);
 
 /// The blocks of one layer.
@@ -223,6 +231,7 @@ pub struct BlockStore {
     metrics: Arc<LazyMetrics>,
     flights: Mutex<Flights>,
     access: Mutex<AccessOrder>,
+    files_read: Mutex<FilesRead>,
     /// The blocks wanted for the start, in order, for the children to follow.
     start_order: StartOrder,
     readahead: usize,
@@ -258,6 +267,7 @@ impl BlockStore {
                 seen: vec![false; n],
                 order: Vec::new(),
             }),
+            files_read: Mutex::new(FilesRead::default()),
             start_order: StartOrder::new(n),
             readahead,
         })
@@ -628,6 +638,31 @@ impl BlockStore {
     /// Blocks read on demand so far, in the order they were first read.
     pub fn access_order(&self) -> Vec<u32> {
         self.access.lock().unwrap().order.clone()
+    }
+
+    /// Records a read of the file whose data starts at tar offset `data_offset`.
+    pub fn record_file_read(&self, data_offset: u64) {
+        let mut f = self.files_read.lock().unwrap();
+        if f.seen.insert(data_offset) {
+            f.order.push(data_offset);
+        }
+    }
+
+    /// Paths of the files read so far, in the order they were first read (the layer's part
+    /// of a start profile, docs/image-converter.md).
+    pub fn files_read(&self) -> Vec<String> {
+        let order = self.files_read.lock().unwrap().order.clone();
+        let by_offset: HashMap<u64, &str> = self
+            .toc
+            .entries
+            .iter()
+            .filter(|e| e.kind == faasnet_format::EntryKind::File && e.size > 0)
+            .map(|e| (e.offset, e.path.as_str()))
+            .collect();
+        order
+            .iter()
+            .filter_map(|o| by_offset.get(o).map(|p| p.to_string()))
+            .collect()
     }
 }
 

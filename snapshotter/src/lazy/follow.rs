@@ -4,6 +4,11 @@
 //! parent, registry fallback; every block verified). Its container then mostly finds the
 //! blocks local instead of paying a round trip up the tree per miss.
 //!
+//! A layer converted with a start profile (`Toc::start_blocks`) says which blocks a start
+//! reads, in order, before anybody reads them: those are queued first, at mount, from the
+//! node's upstream (the registry at the root), so that they arrive at the link's rate
+//! instead of one dependent miss after another; they join the start order like any other.
+//!
 //! The task follows whoever the tree names as upstream: it subscribes again when the parent
 //! changes, waits while the node is the root (nothing to follow), and ends when the node
 //! holds every block of the layer or the layer is unmounted (the task is aborted).
@@ -87,6 +92,10 @@ pub fn spawn_follow(
 ) -> tokio::task::JoinHandle<FollowReport> {
     tokio::spawn(async move {
         let queue = Arc::new(Queue::default());
+        let profiled = (store.toc().start_blocks as usize).min(store.block_count());
+        for index in 0..profiled {
+            queue.push(index);
+        }
         let fetched = Arc::new(AtomicUsize::new(0));
         let failed = Arc::new(AtomicUsize::new(0));
         let workers = (0..concurrency.max(1)).map(|_| {

@@ -528,9 +528,11 @@ impl Filesystem for LayerFs {
         let len = (size as u64).min(n.size - offset) as usize;
         let start = n.data_offset + offset;
         let file_end = n.data_offset + n.size;
+        let file_start = n.data_offset;
         let slot = self.slot.clone();
         self.runtime.spawn(async move {
             let store = slot.wait().await;
+            store.record_file_read(file_start);
             match store.read_at(start, len, file_end).await {
                 Ok(data) => reply.data(&data),
                 Err(e) => {

@@ -594,14 +594,26 @@ impl LayerManager {
         result.map(|()| true)
     }
 
-    /// The blocks read at start, for the prefetch order of the next run; the first run's
-    /// record is kept (it is the cold start's).
+    /// The blocks read at start, for the prefetch order of the next run, and the files read,
+    /// for a start profile (`<cache>/start-files/<hex>`, one path per line, the converter's
+    /// `--start-profile`); the first run's records are kept (they are the cold start's).
     fn save_access_order(&self, store: &BlockStore) {
         let order = store.access_order();
         let path = self.access_order_path(store.layer());
         if !order.is_empty() && !path.exists() {
             if let Err(e) = prefetch::save_access_order(&path, &order) {
                 warn!(path = %path.display(), error = %e, "cannot save access order");
+            }
+        }
+        let files = store.files_read();
+        let path = self
+            .options
+            .cache_dir
+            .join("start-files")
+            .join(store.layer().digest_hex());
+        if !files.is_empty() && !path.exists() {
+            if let Err(e) = prefetch::save_lines(&path, &files) {
+                warn!(path = %path.display(), error = %e, "cannot save the files read at start");
             }
         }
     }

@@ -340,7 +340,8 @@ pub fn encode_order_batch(indices: &[u32]) -> Vec<u8> {
 /// Decodes a start-order batch of a layer of `block_count` blocks: a non-empty whole number
 /// of u32 indices, at most [`MAX_ORDER_BATCH`], each below `block_count`.
 pub fn decode_order_batch(payload: &[u8], block_count: usize) -> Result<Vec<u32>, ProtocolError> {
-    if payload.is_empty() || !payload.len().is_multiple_of(4) || payload.len() / 4 > MAX_ORDER_BATCH {
+    if payload.is_empty() || !payload.len().is_multiple_of(4) || payload.len() / 4 > MAX_ORDER_BATCH
+    {
         return err(format!(
             "start-order batch of {} bytes (want 4..={} in steps of 4)",
             payload.len(),

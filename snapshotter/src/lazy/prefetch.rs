@@ -132,11 +132,16 @@ pub fn load_access_order(path: &Path) -> Vec<u32> {
 
 /// Writes an access-order file atomically (temp file + rename).
 pub fn save_access_order(path: &Path, order: &[u32]) -> std::io::Result<()> {
+    save_lines(path, order)
+}
+
+/// Writes one item per line, atomically (temp file + rename).
+pub fn save_lines<T: std::fmt::Display>(path: &Path, items: &[T]) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
     let tmp = path.with_extension("tmp");
-    let text: String = order.iter().map(|i| format!("{i}\n")).collect();
+    let text: String = items.iter().map(|i| format!("{i}\n")).collect();
     std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, path)
 }

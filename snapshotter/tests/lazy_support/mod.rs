@@ -248,12 +248,18 @@ pub fn noise(len: usize, seed: u32) -> Vec<u8> {
 
 /// Converts `tar` with 64 KiB blocks (so that test files span several).
 pub fn convert(tar: &[u8]) -> (Vec<u8>, ConvertedLayer) {
+    convert_with(tar, 0)
+}
+
+/// Like [`convert`], saying that the first `start_bytes` of the stream hold a start
+/// profile's files.
+pub fn convert_with(tar: &[u8], start_bytes: u64) -> (Vec<u8>, ConvertedLayer) {
     let mut blob = Vec::new();
     let opts = ConvertOptions {
         block_size: faasnet_format::MIN_BLOCK_SIZE,
         threads: 2,
         original: None,
-        start_bytes: 0,
+        start_bytes,
     };
     let converted = convert_layer(tar, &mut blob, &opts, &|_| {}).unwrap();
     (blob, converted)
