@@ -26,6 +26,11 @@ use super::{peer_protocol::HelloAnswer, peer_source::PeerSource};
 
 /// How often a child asks its parent for its side again.
 pub const REFRESH: Duration = Duration::from_secs(1);
+/// How often a child without a side asks again: when a function starts on many VMs at once
+/// the second child says hello a moment after the first, and until the first asks again it
+/// fetches everything from the parent (each of those blocks crosses the parent's uplink
+/// twice).
+pub const REFRESH_ALONE: Duration = Duration::from_millis(200);
 /// A side older than this is not used (the parent stopped answering).
 pub const EXPIRE: Duration = Duration::from_secs(5);
 /// Longest wait for a block from a sibling before asking the parent instead: a bound that
@@ -81,7 +86,12 @@ impl Siblings {
         let mut links = self.links.lock().unwrap();
         let link = links.entry(parent).or_default();
         let age = link.answered.map(|t| t.elapsed());
-        if !link.asking && age.is_none_or(|a| a >= REFRESH) {
+        let refresh = if link.split.is_some() {
+            REFRESH
+        } else {
+            REFRESH_ALONE
+        };
+        if !link.asking && age.is_none_or(|a| a >= refresh) {
             link.asking = true;
             let me = self.clone();
             tokio::spawn(async move {
