@@ -9,8 +9,11 @@
 #                                        # every VM and the coordinator restarted with empty state
 #                                        # (caches, images, trees); the registry keeps its images
 #   hack/testbed.sh status               # what runs, the trees, each VM's block sources
-#   hack/testbed.sh push-image NAME      # build hack/images.sh NAME, push it to the testbed
-#                                        # registry and convert it; prints ORIGINAL CONVERTED refs
+#   hack/testbed.sh push-image NAME [--start-profile FILE]
+#                                        # build hack/images.sh NAME, push it to the testbed
+#                                        # registry and convert it (NAME:faasnet; with a start
+#                                        # profile, NAME:faasnet-profiled, its files laid out
+#                                        # first); prints ORIGINAL CONVERTED refs
 #   hack/testbed.sh run REF [--vms "0 1 2"] [--baseline] [--json FILE]
 #                                        # start REF's function on the VMs at once; prints each
 #                                        # VM's time to first output and where its blocks came from;
@@ -307,10 +310,17 @@ cmd_reset() {
 
 # push-image NAME: the test image NAME, pushed to the testbed registry, and its conversion.
 cmd_push_image() {
-  local name="${1:?push-image NAME}" orig conv
+  local name="${1:?push-image NAME}" orig conv profile=() tag=faasnet
+  shift
+  case "${1:-}" in
+    --start-profile) profile=(--start-profile "${2:?--start-profile FILE}"); tag=faasnet-profiled ;;
+    "") ;;
+    *) die "push-image: unknown argument '$1'" ;;
+  esac
   orig="$("${HACK_DIR}/images.sh" build "$name" --registry "$REG_ADDR")"
-  conv="${REG_ADDR}/faasnet/${name}:faasnet"
-  "$(bin_dir)/image-converter" -q convert "$orig" "$conv" --plain-http "$REG_ADDR" >/dev/null
+  conv="${REG_ADDR}/faasnet/${name}:${tag}"
+  "$(bin_dir)/image-converter" -q convert "$orig" "$conv" --plain-http "$REG_ADDR" \
+    "${profile[@]}" >/dev/null
   echo "$orig $conv"
 }
 

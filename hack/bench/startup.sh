@@ -10,6 +10,12 @@
 # Usage:
 #   hack/bench/startup.sh [--ns "1 2 4 8 16"] [--modes "baseline ondemand faasnet"]
 #                         [--rate 50mbit] [--image realistic] [--out DIR] [--no-doc]
+#                         [--no-profile]
+#
+#   Deploy-time start profile (default): the image is converted, started once on vm0 (the W
+#   run below), and converted again with the files that start read laid out first
+#   (image-converter convert --start-profile); the lazy modes run that conversion. The
+#   baseline pulls the original image either way. --no-profile: the plain conversion only.
 #
 #   --rate R   every VM link, both directions (tc tbf); the registry's egress is 4x R, as the
 #              issue asks ("set the registry's egress to 4 VM links")
@@ -30,6 +36,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../lib/common.sh"
 
 ns="1 2 4 8 16" modes="baseline ondemand faasnet" rate=50mbit image=realistic out="" doc=1
+profile=1
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --ns) ns="$2"; shift 2 ;;
@@ -38,6 +45,7 @@ while [[ $# -gt 0 ]]; do
     --image) image="$2"; shift 2 ;;
     --out) out="$2"; shift 2 ;;
     --no-doc) doc=0; shift ;;
+    --no-profile) profile=0; shift ;;
     *) sed -n '2,/^set -euo/p' "$0" | sed -e '/^set -euo/d' -e 's/^# \{0,1\}//'; exit 2 ;;
   esac
 done
@@ -60,14 +68,30 @@ trap '"$tb" down >/dev/null 2>&1 || true' EXIT
 read -r original converted < <("$tb" push-image "$image")
 log "original ${original}, converted ${converted}"
 
-# The working set W and the warm start, on vm0 alone.
-"$tb" run "$converted" --vms 0 --json "${out}/runs/w-cold.json"
-"$tb" run "$converted" --vms 0 --json "${out}/runs/w-warm.json"
-# The snapshotter records the cold start's block order when it unmounts the layers, i.e. when
-# the image's snapshots are removed.
-nsenter --net=/run/netns/fntb-vm0 -- ctr -a "${TB_RUN}/vm0/containerd.sock" images rm --sync \
-  "$converted" >/dev/null
-order_dir="${TB_STATE}/vm0/snapshotter/cache/access-order"
+# measure_w REF TAG: the working set W and the warm start of REF, on vm0 alone (cold, then
+# warm); then the image is removed, so that the snapshotter writes its records of that cold
+# start (block order, files read) at unmount.
+measure_w() {
+  "$tb" reset --mode ondemand --no-prefetch
+  "$tb" run "$1" --vms 0 --json "${out}/runs/w-cold$2.json"
+  "$tb" run "$1" --vms 0 --json "${out}/runs/w-warm$2.json"
+  nsenter --net=/run/netns/fntb-vm0 -- ctr -a "${TB_RUN}/vm0/containerd.sock" images rm --sync \
+    "$1" >/dev/null
+}
+cache0="${TB_STATE}/vm0/snapshotter/cache"
+
+if [[ "$profile" == 1 ]]; then
+  # The plain conversion's cold start gives the start profile: the files it read, per layer.
+  measure_w "$converted" -plain
+  cat "${cache0}"/start-files/* >"${out}/start-profile.txt" 2>/dev/null ||
+    die "vm0 recorded no files read at start in ${cache0}/start-files"
+  log "start profile: $(wc -l <"${out}/start-profile.txt") files"
+  read -r _ converted < <("$tb" push-image "$image" --start-profile "${out}/start-profile.txt")
+  log "profiled conversion ${converted}"
+fi
+measure_w "$converted" ""
+# The block order of the cold start, for the simulator.
+order_dir="${cache0}/access-order"
 if [[ -d "$order_dir" ]]; then
   mkdir -p "${out}/access-order"
   cp "$order_dir"/* "${out}/access-order/"
@@ -99,7 +123,13 @@ done
   printf '{"params": {"vm_link_bps": %d, "registry_egress_bps": %d, "block_size": 524288, "image": "%s", "original": "%s", "converted": "%s", "cpus": %d, "date": "%s"},\n' \
     "$((rate_mbit * 1000000 / 8))" "$((4 * rate_mbit * 1000000 / 8))" "$image" "$original" \
     "$converted" "$(nproc)" "$(date -u +%FT%TZ)"
-  printf ' "working_set": %s,\n "warm": %s,\n "runs": [' "$(cat "${out}/runs/w-cold.json")" "$(cat "${out}/runs/w-warm.json")"
+  printf ' "working_set": %s,\n "warm": %s,\n' "$(cat "${out}/runs/w-cold.json")" "$(cat "${out}/runs/w-warm.json")"
+  if [[ -s "${out}/runs/w-cold-plain.json" ]]; then
+    printf ' "working_set_unprofiled": %s,\n "warm_unprofiled": %s,\n "start_profile_files": %d,\n' \
+      "$(cat "${out}/runs/w-cold-plain.json")" "$(cat "${out}/runs/w-warm-plain.json")" \
+      "$(wc -l <"${out}/start-profile.txt")"
+  fi
+  printf ' "runs": ['
   sep=""
   for mode in $modes; do
     for n in $ns; do
