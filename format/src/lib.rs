@@ -46,8 +46,15 @@ pub mod annotations {
     pub const ORIGINAL_DIGEST: &str = "io.faasnet.layer.original-digest";
     /// Media type of the original layer blob.
     pub const ORIGINAL_MEDIA_TYPE: &str = "io.faasnet.layer.original-media-type";
-    /// diffID (sha256 of the uncompressed tar), identical before and after conversion.
+    /// diffID (sha256 of the uncompressed tar the blob decodes to): the original layer's,
+    /// unless a start profile reordered the layer (then see [`ORIGINAL_DIFF_ID`]).
     pub const DIFF_ID: &str = "io.faasnet.layer.diff-id";
+    /// On a layer reordered by a start profile: the diffID of the original tar stream.
+    pub const ORIGINAL_DIFF_ID: &str = "io.faasnet.layer.original-diff-id";
+    /// On a layer reordered by a start profile: `sha256:` of the paths of the entries moved
+    /// to the start of the layer, one per line (each ending in `\n`), in their new order. Together with
+    /// the original digest and block size it determines the converted blob.
+    pub const START_PROFILE: &str = "io.faasnet.layer.start-profile";
     /// Block size in bytes.
     pub const BLOCK_SIZE: &str = "io.faasnet.layer.block-size";
     /// Offset of the TOC frame in the blob, so a reader can skip the footer request.
