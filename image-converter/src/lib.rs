@@ -13,6 +13,7 @@ pub mod oci_layout;
 pub mod progress;
 pub mod reference;
 pub mod registry;
+pub mod start_profile;
 pub mod store;
 pub mod stream_io;
 
@@ -20,6 +21,7 @@ pub use convert::{convert_image, ConvertConfig, ConvertOutcome};
 pub use error::{Error, Result};
 pub use reference::{ImageLocation, Reference};
 pub use registry::{ClientConfig, RegistryClient, RegistryError};
+pub use start_profile::StartProfile;
 pub use store::Store;
 
 /// Parses a size such as `512KiB`, `1MiB`, `4M`, `65536` into bytes.
