@@ -20,9 +20,28 @@ pub struct LayerCache {
     dirty: Mutex<bool>,
 }
 
-/// Cache key of an original layer converted with `block_size`.
+/// Cache key of an original layer converted with `block_size` (and no start profile, or
+/// one that moved nothing in this layer).
 pub fn key(original_digest: &str, block_size: u32) -> String {
     format!("{original_digest}@{block_size}")
+}
+
+/// Cache key of an original layer converted with `block_size`, reordered by a start
+/// profile when `start_profile` (the `io.faasnet.layer.start-profile` digest of the paths
+/// moved first) is given. Conversions with and without a profile never share a key.
+pub fn profiled_key(original_digest: &str, block_size: u32, start_profile: Option<&str>) -> String {
+    match start_profile {
+        None => key(original_digest, block_size),
+        Some(p) => format!("{}@start-profile={p}", key(original_digest, block_size)),
+    }
+}
+
+/// True when `k` is a key of `original_digest` converted with `block_size`, with or
+/// without a start profile.
+pub fn key_matches(k: &str, original_digest: &str, block_size: u32) -> bool {
+    let base = key(original_digest, block_size);
+    k.strip_prefix(&base)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with("@start-profile="))
 }
 
 /// The default cache directory.
@@ -59,6 +78,18 @@ impl LayerCache {
         self.entries.lock().expect("cache").get(key).cloned()
     }
 
+    /// Every conversion of `original_digest` with `block_size`, with or without a start
+    /// profile, by key.
+    pub fn candidates(&self, original_digest: &str, block_size: u32) -> Vec<(String, Descriptor)> {
+        self.entries
+            .lock()
+            .expect("cache")
+            .iter()
+            .filter(|(k, _)| key_matches(k, original_digest, block_size))
+            .map(|(k, d)| (k.clone(), d.clone()))
+            .collect()
+    }
+
     /// Records a conversion.
     pub fn insert(&self, key: String, desc: Descriptor) {
         self.entries.lock().expect("cache").insert(key, desc);
@@ -84,5 +115,39 @@ impl LayerCache {
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
         std::fs::write(&tmp, serde_json::to_vec_pretty(&merged)?)?;
         std::fs::rename(&tmp, path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn desc(d: &str) -> Descriptor {
+        serde_json::from_value(serde_json::json!({"mediaType": "x", "digest": d, "size": 1}))
+            .unwrap()
+    }
+
+    #[test]
+    fn profiled_and_plain_keys_never_collide() {
+        let plain = key("sha256:aa", 65536);
+        let prof = profiled_key("sha256:aa", 65536, Some("sha256:pp"));
+        assert_eq!(profiled_key("sha256:aa", 65536, None), plain);
+        assert_ne!(prof, plain);
+        assert!(key_matches(&plain, "sha256:aa", 65536));
+        assert!(key_matches(&prof, "sha256:aa", 65536));
+        // Another block size whose digits start the same, another layer.
+        assert!(!key_matches(&key("sha256:aa", 655360), "sha256:aa", 65536));
+        assert!(!key_matches(&key("sha256:aab", 65536), "sha256:aa", 65536));
+        let c = LayerCache::in_memory();
+        c.insert(plain.clone(), desc("sha256:1"));
+        c.insert(prof.clone(), desc("sha256:2"));
+        c.insert(key("sha256:aa", 655360), desc("sha256:3"));
+        let found: Vec<String> = c
+            .candidates("sha256:aa", 65536)
+            .into_iter()
+            .map(|(_, d)| d.digest)
+            .collect();
+        assert_eq!(found, ["sha256:1", "sha256:2"]);
+        assert_eq!(c.get(&plain).unwrap().digest, "sha256:1");
     }
 }

@@ -152,6 +152,44 @@ pub struct RootFs {
     pub diff_ids: Vec<String>,
 }
 
+/// The image config `config` with `rootfs.diff_ids` replaced by `diff_ids`, every other
+/// byte kept as it is: the `diff_ids` array's text is cut out of the original JSON and a new
+/// one written in its place (compact), so unknown fields, their order, numbers and
+/// formatting survive exactly. The result is checked to parse to the original config with
+/// only the diffIDs changed.
+pub fn replace_diff_ids(config: &[u8], diff_ids: &[String]) -> Result<Vec<u8>, String> {
+    use serde_json::value::RawValue;
+    #[derive(Deserialize)]
+    struct Top<'a> {
+        #[serde(borrow)]
+        rootfs: &'a RawValue,
+    }
+    #[derive(Deserialize)]
+    struct Fs<'a> {
+        #[serde(borrow)]
+        diff_ids: &'a RawValue,
+    }
+    let text = std::str::from_utf8(config).map_err(|e| format!("config is not UTF-8: {e}"))?;
+    let top: Top = serde_json::from_str(text).map_err(|e| format!("config: {e}"))?;
+    let fs: Fs = serde_json::from_str(top.rootfs.get()).map_err(|e| format!("rootfs: {e}"))?;
+    let old = fs.diff_ids.get();
+    let start = (old.as_ptr() as usize)
+        .checked_sub(text.as_ptr() as usize)
+        .filter(|&s| text.get(s..s + old.len()) == Some(old))
+        .ok_or("cannot locate rootfs.diff_ids in the config")?;
+    let mut out = Vec::with_capacity(config.len() + 16);
+    out.extend_from_slice(&config[..start]);
+    out.extend_from_slice(&serde_json::to_vec(diff_ids).expect("strings serialize"));
+    out.extend_from_slice(&config[start + old.len()..]);
+    let mut want: Value = serde_json::from_slice(config).map_err(|e| format!("config: {e}"))?;
+    want["rootfs"]["diff_ids"] = serde_json::json!(diff_ids);
+    let got: Value = serde_json::from_slice(&out).map_err(|e| format!("new config: {e}"))?;
+    if got != want {
+        return Err("rewriting rootfs.diff_ids changed other fields of the config".into());
+    }
+    Ok(out)
+}
+
 /// A parsed manifest: either an image or an index.
 #[derive(Debug, Clone)]
 pub enum Manifest {
@@ -224,6 +262,35 @@ mod tests {
         let back: Value = serde_json::from_slice(&to_bytes(&m)).unwrap();
         assert_eq!(back["subject"]["a"], 1);
         assert_eq!(back["layers"][0]["urls"][0], "x");
+    }
+
+    #[test]
+    fn replacing_diff_ids_keeps_every_other_byte() {
+        let a = format!("sha256:{}", "a".repeat(64));
+        let b = format!("sha256:{}", "b".repeat(64));
+        let c = format!("sha256:{}", "c".repeat(64));
+        // Odd formatting, unknown fields, key order, a big number and a float, escapes, a
+        // "diff_ids" key elsewhere: all must survive.
+        let config = format!(
+            "{{\n  \"zeta\": 1,\n  \"config\": {{\"Labels\": {{\"diff_ids\": \"{a}\"}}}},\n               \"rootfs\" : {{ \"type\": \"layers\",\n    \"diff_ids\" : [ \"{a}\",\n \"{b}\" ] ,\n              \"x\": 18446744073709551615 }},\n  \"f\": 1.50, \"s\": \"\\u00e9\"\n}}\n"
+        );
+        let out = replace_diff_ids(config.as_bytes(), &[a.clone(), c.clone()]).unwrap();
+        let out = String::from_utf8(out).unwrap();
+        let expected = config.replace(
+            &format!("[ \"{a}\",\n \"{b}\" ]"),
+            &format!("[\"{a}\",\"{c}\"]"),
+        );
+        assert_ne!(expected, config);
+        assert_eq!(out, expected);
+        let v: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["rootfs"]["diff_ids"][1], c.as_str());
+        assert_eq!(v["config"]["Labels"]["diff_ids"], a.as_str());
+        // No rootfs, or a duplicate one: refused.
+        assert!(replace_diff_ids(b"{\"a\":1}", std::slice::from_ref(&a)).is_err());
+        let dup = format!(
+            "{{\"rootfs\":{{\"diff_ids\":[\"{a}\"]}},\"rootfs\":{{\"diff_ids\":[\"{b}\"]}}}}"
+        );
+        assert!(replace_diff_ids(dup.as_bytes(), &[c]).is_err());
     }
 
     #[test]
