@@ -3,9 +3,13 @@
 //! into a temporary file, verified (source digest, size, diffID) and pushed; then the config,
 //! the new manifests and last the tag, so a tag never points at something half-pushed and a
 //! bad input leaves the destination tag untouched.
+//!
+//! With a start profile ([`crate::start_profile`]) a layer is first decompressed into a
+//! temporary file, checked, then converted from a reordered tar stream (the profile's files
+//! first); a reordered layer has a new diffID, so the image gets a new config.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufWriter, Write};
+use std::io::{BufReader, BufWriter, Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -21,6 +25,7 @@ use crate::manifest::{
 };
 use crate::progress::Progress;
 use crate::registry::RegistryError;
+use crate::start_profile::{self, EntryFacts, RangesReader, Reorder, StartProfile};
 use crate::store::Store;
 use crate::stream_io::{decompressor, stream_reader, DigestReader, Recorded};
 
@@ -41,6 +46,8 @@ pub struct ConvertConfig {
     pub cache: Arc<LayerCache>,
     /// Where progress goes.
     pub progress: Progress,
+    /// Files to put first in each layer, in this order (`--start-profile`).
+    pub start_profile: Option<Arc<StartProfile>>,
 }
 
 impl ConvertConfig {
@@ -56,6 +63,7 @@ impl ConvertConfig {
             force: false,
             cache: Arc::new(LayerCache::in_memory()),
             progress: Progress::hidden(),
+            start_profile: None,
         }
     }
 }
@@ -79,6 +87,8 @@ pub struct ConvertOutcome {
     pub reused: usize,
     /// Layers that were already in the FaaSNet format.
     pub kept: usize,
+    /// Layers (converted or reused) reordered by the start profile.
+    pub reordered: usize,
 }
 
 #[derive(Default)]
@@ -86,6 +96,7 @@ struct Stats {
     converted: AtomicUsize,
     reused: AtomicUsize,
     kept: AtomicUsize,
+    reordered: AtomicUsize,
 }
 
 struct Ctx<'a> {
@@ -144,6 +155,7 @@ pub async fn convert_image(
         converted: ctx.stats.converted.load(Ordering::Relaxed),
         reused: ctx.stats.reused.load(Ordering::Relaxed),
         kept: ctx.stats.kept.load(Ordering::Relaxed),
+        reordered: ctx.stats.reordered.load(Ordering::Relaxed),
     })
 }
 
@@ -231,7 +243,7 @@ async fn convert_manifest(ctx: &Ctx<'_>, m: &ImageManifest, name: &str) -> Resul
         ));
     }
     let n = m.layers.len();
-    let layers: Vec<Descriptor> = futures::stream::iter(
+    let converted: Vec<(Descriptor, String)> = futures::stream::iter(
         m.layers
             .iter()
             .zip(diff_ids)
@@ -241,11 +253,26 @@ async fn convert_manifest(ctx: &Ctx<'_>, m: &ImageManifest, name: &str) -> Resul
     .buffered(ctx.cfg.layer_jobs.max(1))
     .try_collect()
     .await?;
-    // The config is unchanged: the tar streams, hence the diffIDs, are preserved.
-    ctx.dst
-        .push_blob_bytes(config_bytes, &m.config.digest)
-        .await?;
+    let (layers, new_diff_ids): (Vec<Descriptor>, Vec<String>) = converted.into_iter().unzip();
     let mut out = m.clone();
+    if &new_diff_ids == diff_ids {
+        // The config is unchanged: the tar streams, hence the diffIDs, are preserved.
+        ctx.dst
+            .push_blob_bytes(config_bytes, &m.config.digest)
+            .await?;
+    } else {
+        // A start profile reordered some layers: same config, new diffIDs.
+        let new = crate::manifest::replace_diff_ids(&config_bytes, &new_diff_ids)
+            .map_err(|r| Error::manifest(name, format!("image config {}: {r}", m.config.digest)))?;
+        let digest = faasnet_format::sha256_digest(&new);
+        out.config.size = new.len() as u64;
+        out.config.digest = digest.clone();
+        ctx.cfg.progress.message(format!(
+            "new image config {} (diffIDs of the reordered layers)",
+            short_digest(&digest)
+        ));
+        ctx.dst.push_blob_bytes(new, &digest).await?;
+    }
     out.media_type = Some(media_types::OCI_MANIFEST.to_string());
     out.layers = layers;
     out.annotations
@@ -253,13 +280,14 @@ async fn convert_manifest(ctx: &Ctx<'_>, m: &ImageManifest, name: &str) -> Resul
     Ok(crate::manifest::to_bytes(&out))
 }
 
-/// Produces the converted descriptor of one layer: kept, reused or freshly converted.
+/// Produces the converted descriptor of one layer (kept, reused or freshly converted) and
+/// the diffID of the tar stream it decodes to.
 async fn convert_one(
     ctx: &Ctx<'_>,
     desc: &Descriptor,
     diff_id: &str,
     label: String,
-) -> Result<Descriptor> {
+) -> Result<(Descriptor, String)> {
     let progress = &ctx.cfg.progress;
     let short = short_digest(&desc.digest);
     let compression =
@@ -277,29 +305,35 @@ async fn convert_one(
             copy_blob(ctx.src, ctx.dst, desc).await?;
         }
         ctx.stats.kept.fetch_add(1, Ordering::Relaxed);
-        progress.message(format!("{label} {short}: already in FaaSNet format, kept"));
-        return Ok(desc.clone());
+        let note = if ctx.cfg.start_profile.is_some() {
+            " (the start profile is not applied to it)"
+        } else {
+            ""
+        };
+        progress.message(format!(
+            "{label} {short}: already in FaaSNet format, kept{note}"
+        ));
+        return Ok((desc.clone(), diff_id.to_string()));
     }
 
-    let key = cache::key(&desc.digest, ctx.cfg.block_size);
+    let profile = ctx.cfg.start_profile.as_deref();
     if !ctx.cfg.force {
-        let candidate = ctx
-            .known
-            .get(&key)
-            .cloned()
-            .or_else(|| ctx.cfg.cache.get(&key));
-        if let Some(c) = candidate {
-            let usable = c.media_type == faasnet_format::LAYER_MEDIA_TYPE
-                && c.annotations.get(annotations::DIFF_ID).map(String::as_str) == Some(diff_id)
-                && ctx.dst.blob_size(&c.digest).await? == Some(c.size);
-            if usable {
-                ctx.stats.reused.fetch_add(1, Ordering::Relaxed);
-                progress.message(format!(
-                    "{label} {short}: already converted ({}), skipped",
-                    short_digest(&c.digest)
-                ));
-                return Ok(c);
+        if let Some((c, new_diff_id)) = reusable(ctx, desc, diff_id, profile).await? {
+            ctx.stats.reused.fetch_add(1, Ordering::Relaxed);
+            let reordered = c.annotations.contains_key(annotations::START_PROFILE);
+            if reordered {
+                ctx.stats.reordered.fetch_add(1, Ordering::Relaxed);
             }
+            progress.message(format!(
+                "{label} {short}: already converted ({}{}), skipped",
+                short_digest(&c.digest),
+                if reordered {
+                    ", start profile applied"
+                } else {
+                    ""
+                }
+            ));
+            return Ok((c, new_diff_id));
         }
     }
 
@@ -308,8 +342,7 @@ async fn convert_one(
     let tmp = tempfile::NamedTempFile::new()?;
     let file = tmp.as_file().try_clone()?;
     let bar = progress.layer(&label, desc.size);
-    bar.set_message("converting");
-    let opts = ConvertOptions {
+    let mut opts = ConvertOptions {
         block_size: ctx.cfg.block_size,
         threads: ctx.cfg.threads.max(1),
         original: Some(OriginalLayer {
@@ -323,42 +356,299 @@ async fn convert_one(
     let job = LayerJob {
         desc: desc.clone(),
         compression,
-        opts,
         cancelled: Arc::clone(&cancel.0),
     };
     let reader = stream_reader(stream);
     let bar2 = bar.clone();
-    let converted = tokio::task::spawn_blocking(move || job.run(reader, file, bar2))
-        .await
-        .map_err(|e| Error::layer(&desc.digest, format!("conversion thread failed: {e}")))??;
+    let joined = |e: tokio::task::JoinError| {
+        Error::layer(&desc.digest, format!("conversion thread failed: {e}"))
+    };
+    let (converted, layout) = match profile {
+        None => {
+            bar.set_message("converting");
+            let converted = tokio::task::spawn_blocking(move || {
+                job.run(reader, bar2, move |input| {
+                    let mut out = BufWriter::with_capacity(1 << 20, file);
+                    let c = faasnet_format::convert_layer(input, &mut out, &opts, &|_| {})?;
+                    out.flush()?;
+                    Ok(c)
+                })
+            })
+            .await
+            .map_err(joined)??;
+            (converted, Layout::Unprofiled)
+        }
+        Some(_) => {
+            // 1. Decompress into a spool file, with the checks of an unprofiled conversion.
+            bar.set_message("decompressing");
+            let spool = tempfile::tempfile()?;
+            let spool2 = spool.try_clone()?;
+            let tar_digest = tokio::task::spawn_blocking(move || {
+                job.run(reader, bar2, move |input| spool_into(input, spool2))
+            })
+            .await
+            .map_err(joined)??;
+            if tar_digest != diff_id {
+                bar.abandon_with_message("diffID mismatch");
+                return Err(mismatch(desc, &tar_digest, diff_id));
+            }
+            // 2. Cut it into entry spans and convert the reordered stream.
+            bar.set_message("converting");
+            let profile = Arc::clone(ctx.cfg.start_profile.as_ref().expect("profile given"));
+            let cancelled = Arc::clone(&cancel.0);
+            let digest = desc.digest.clone();
+            tokio::task::spawn_blocking(move || -> Result<(ConvertedLayer, Layout)> {
+                let fail = |reason: String| Error::layer(&digest, reason);
+                let layout = match start_profile::cut_tar(BufReader::new(&spool)) {
+                    Ok(cut) => Layout::Planned(start_profile::plan(&cut, &profile)),
+                    Err(why) => Layout::NotApplied(why),
+                };
+                let ranges = match &layout {
+                    Layout::Planned(r) => r.ranges.clone(),
+                    _ => std::iter::once(0..spool.metadata()?.len()).collect(),
+                };
+                if let Layout::Planned(r) = &layout {
+                    opts.start_bytes = r.start_bytes;
+                }
+                let input = BufReader::with_capacity(
+                    1 << 20,
+                    CancellableReader {
+                        inner: RangesReader::new(&spool, ranges),
+                        cancelled: Arc::clone(&cancelled),
+                    },
+                );
+                let mut out = BufWriter::with_capacity(1 << 20, file);
+                let c =
+                    faasnet_format::convert_layer(input, &mut out, &opts, &|_| {}).and_then(|c| {
+                        out.flush()?;
+                        Ok(c)
+                    });
+                if cancelled.load(Ordering::Relaxed) {
+                    return Err(fail("cancelled".into()));
+                }
+                let c = c.map_err(|e| fail(describe_format_error(e)))?;
+                Ok((c, layout))
+            })
+            .await
+            .map_err(joined)??
+        }
+    };
     drop(cancel);
-    if converted.toc.diff_id != diff_id {
+    let reordered = layout.reorder().filter(|r| r.is_reordered());
+    if reordered.is_none() && converted.toc.diff_id != diff_id {
         bar.abandon_with_message("diffID mismatch");
-        return Err(Error::layer(
-            &desc.digest,
-            format!(
-                "uncompressed content has diffID {}, the image config says {diff_id}",
-                converted.toc.diff_id
-            ),
-        ));
+        return Err(mismatch(desc, &converted.toc.diff_id, diff_id));
     }
     bar.set_message("pushing");
     ctx.dst
         .push_blob_file(tmp.path(), &converted.blob_digest, converted.blob_size)
         .await?;
     bar.finish_and_clear();
-    let out = converted_descriptor(desc, &converted);
-    ctx.cfg.cache.insert(key, out.clone());
+    let mut out = converted_descriptor(desc, &converted);
+    let profile_digest = reordered.and_then(Reorder::digest);
+    if let Some(d) = &profile_digest {
+        out.annotations
+            .insert(annotations::START_PROFILE.to_string(), d.clone());
+        out.annotations.insert(
+            annotations::ORIGINAL_DIFF_ID.to_string(),
+            diff_id.to_string(),
+        );
+        ctx.stats.reordered.fetch_add(1, Ordering::Relaxed);
+    }
+    ctx.cfg.cache.insert(
+        cache::profiled_key(&desc.digest, ctx.cfg.block_size, profile_digest.as_deref()),
+        out.clone(),
+    );
     ctx.stats.converted.fetch_add(1, Ordering::Relaxed);
     progress.message(format!(
-        "{label} {short}: converted {} {} -> {} ({} blocks) in {:.1}s",
+        "{label} {short}: converted {} {} -> {} ({} blocks) in {:.1}s{}",
         human_size(desc.size),
         compression_name(&desc.media_type),
         human_size(converted.blob_size),
         converted.toc.blocks.len(),
-        started.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64(),
+        layout.describe(&converted)
     ));
-    Ok(out)
+    Ok((out, converted.toc.diff_id.clone()))
+}
+
+/// How a layer was laid out.
+enum Layout {
+    /// No start profile.
+    Unprofiled,
+    /// The profile's plan for the layer (possibly: nothing to move).
+    Planned(Reorder),
+    /// The layer could not be cut into entry spans; converted as it is.
+    NotApplied(String),
+}
+
+impl Layout {
+    fn reorder(&self) -> Option<&Reorder> {
+        match self {
+            Layout::Planned(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// The end of the progress line.
+    fn describe(&self, c: &ConvertedLayer) -> String {
+        match self {
+            Layout::Unprofiled => String::new(),
+            Layout::Planned(r) if !r.is_reordered() => {
+                "; start profile: no file of this layer listed, layout unchanged".into()
+            }
+            Layout::Planned(r) => format!(
+                "; start profile: {} file{} moved first{}, start region {} ({} of {} block{}), \
+                 new diffID {}",
+                r.moved_files,
+                if r.moved_files == 1 { "" } else { "s" },
+                match r.moved.len() - r.moved_files {
+                    0 => String::new(),
+                    1 => " (with 1 parent directory entry)".to_string(),
+                    n => format!(" (with {n} parent directory entries)"),
+                },
+                human_size(r.start_bytes),
+                c.toc.start_blocks,
+                c.toc.blocks.len(),
+                if c.toc.blocks.len() == 1 { "" } else { "s" },
+                short_digest(&c.toc.diff_id)
+            ),
+            Layout::NotApplied(why) => {
+                format!("; start profile NOT applied (the layer cannot be reordered: {why})")
+            }
+        }
+    }
+}
+
+fn mismatch(desc: &Descriptor, actual: &str, expected: &str) -> Error {
+    Error::layer(
+        &desc.digest,
+        format!("uncompressed content has diffID {actual}, the image config says {expected}"),
+    )
+}
+
+/// Copies the decompressed layer into `file`; returns its diffID.
+fn spool_into(
+    input: &mut dyn Read,
+    file: std::fs::File,
+) -> std::result::Result<String, FormatError> {
+    let mut out = BufWriter::with_capacity(1 << 20, file);
+    let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let written = |e: std::io::Error| {
+        FormatError::Io(std::io::Error::other(format!(
+            "writing the layer's temporary copy: {e}"
+        )))
+    };
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.into()),
+        };
+        sha2::Digest::update(&mut hasher, &buf[..n]);
+        out.write_all(&buf[..n]).map_err(written)?;
+    }
+    out.flush().map_err(written)?;
+    Ok(format!(
+        "sha256:{}",
+        hex::encode(sha2::Digest::finalize(hasher))
+    ))
+}
+
+/// An earlier conversion of `desc` the destination still has and that this run would
+/// produce again, with the diffID its tar stream has.
+///
+/// Without a profile: one recorded under the plain cache key, not reordered, with the
+/// config's diffID. With a profile: any conversion of the same layer and block size whose
+/// TOC (read from the destination) shows that the profile moves exactly the files it moved
+/// (same `start-profile` digest, or none moved and none recorded), and whose original
+/// diffID is the config's.
+async fn reusable(
+    ctx: &Ctx<'_>,
+    desc: &Descriptor,
+    diff_id: &str,
+    profile: Option<&StartProfile>,
+) -> Result<Option<(Descriptor, String)>> {
+    let bs = ctx.cfg.block_size;
+    let candidates: Vec<Descriptor> = match profile {
+        None => {
+            let key = cache::key(&desc.digest, bs);
+            ctx.known
+                .get(&key)
+                .cloned()
+                .into_iter()
+                .chain(ctx.cfg.cache.get(&key))
+                .collect()
+        }
+        Some(_) => {
+            let mut known: Vec<(&String, &Descriptor)> = ctx
+                .known
+                .iter()
+                .filter(|(k, _)| cache::key_matches(k, &desc.digest, bs))
+                .collect();
+            known.sort_by(|a, b| a.0.cmp(b.0));
+            known
+                .into_iter()
+                .map(|(_, d)| d.clone())
+                .chain(
+                    ctx.cfg
+                        .cache
+                        .candidates(&desc.digest, bs)
+                        .into_iter()
+                        .map(|(_, d)| d),
+                )
+                .collect()
+        }
+    };
+    let mut tried = std::collections::HashSet::new();
+    for c in candidates {
+        if !tried.insert(c.digest.clone())
+            || c.media_type != faasnet_format::LAYER_MEDIA_TYPE
+            || ctx.dst.blob_size(&c.digest).await? != Some(c.size)
+        {
+            continue;
+        }
+        let ann = |k: &str| c.annotations.get(k).map(String::as_str);
+        let Some(profile) = profile else {
+            if ann(annotations::START_PROFILE).is_none()
+                && ann(annotations::DIFF_ID) == Some(diff_id)
+            {
+                return Ok(Some((c.clone(), diff_id.to_string())));
+            }
+            continue;
+        };
+        let toc = match crate::inspect::read_toc_remote(ctx.dst, &c).await {
+            Ok(toc) => toc,
+            Err(e) => {
+                tracing::debug!("not reusing {}: reading its TOC: {e}", c.digest);
+                continue;
+            }
+        };
+        if toc.original.as_ref().map(|o| o.digest.as_str()) != Some(desc.digest.as_str())
+            || toc.block_size != bs
+            || ann(annotations::DIFF_ID) != Some(toc.diff_id.as_str())
+        {
+            continue;
+        }
+        let facts: Vec<EntryFacts> = toc.entries.iter().map(EntryFacts::of_toc).collect();
+        let moved = start_profile::select(profile, &facts);
+        let want = (!moved.is_empty())
+            .then(|| start_profile::moved_digest(moved.iter().map(|&i| facts[i].path.as_str())));
+        if ann(annotations::START_PROFILE) != want.as_deref() {
+            continue;
+        }
+        let original = if want.is_some() {
+            ann(annotations::ORIGINAL_DIFF_ID)
+        } else {
+            ann(annotations::DIFF_ID)
+        };
+        if original == Some(diff_id) {
+            return Ok(Some((c.clone(), toc.diff_id)));
+        }
+    }
+    Ok(None)
 }
 
 fn compression_name(media_type: &str) -> &'static str {
@@ -405,21 +695,21 @@ impl Drop for CancelOnDrop {
     }
 }
 
-/// The blocking part of a layer conversion.
+/// The blocking part of a layer conversion: download, check and decompress the layer, and
+/// hand the tar stream to `consume` (the converter, or a copy into a spool file).
 struct LayerJob {
     desc: Descriptor,
     compression: LayerCompression,
-    opts: ConvertOptions,
     cancelled: Arc<AtomicBool>,
 }
 
 impl LayerJob {
-    fn run(
+    fn run<T>(
         self,
         reader: crate::stream_io::ChannelReader,
-        file: std::fs::File,
         bar: indicatif::ProgressBar,
-    ) -> Result<ConvertedLayer> {
+        consume: impl FnOnce(&mut dyn Read) -> std::result::Result<T, FormatError>,
+    ) -> Result<T> {
         let digest = self.desc.digest.clone();
         let fail = |reason: String| Error::layer(&digest, reason);
         let cancelled = Arc::clone(&self.cancelled);
@@ -433,12 +723,7 @@ impl LayerJob {
             let (decoded, actual) = decompressor(&mut counted, self.compression)
                 .map_err(|e| fail(format!("reading the blob: {e}")))?;
             let (mut decoded, dec_err) = Recorded::new(decoded);
-            let mut out = BufWriter::with_capacity(1 << 20, file);
-            let res = faasnet_format::convert_layer(&mut decoded, &mut out, &self.opts, &|_| {})
-                .and_then(|c| {
-                    out.flush()?;
-                    Ok(c)
-                });
+            let res = consume(&mut decoded);
             if res.is_err() && dec_err.lock().expect("slot").is_none() {
                 // Corrupt compressed data often decodes to garbage that the tar parser trips
                 // on before the decoder notices (at the checksum). Finish decoding so the
@@ -590,7 +875,11 @@ async fn existing_conversions(dst: &Store) -> Result<HashMap<String, Descriptor>
             ) else {
                 continue;
             };
-            known.insert(cache::key(orig, bs), l.clone());
+            let profile = l
+                .annotations
+                .get(annotations::START_PROFILE)
+                .map(String::as_str);
+            known.insert(cache::profiled_key(orig, bs, profile), l.clone());
         }
     }
     Ok(known)

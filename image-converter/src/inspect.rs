@@ -75,6 +75,9 @@ pub struct TocSummary {
     pub tar_size: u64,
     pub block_size: u32,
     pub blocks: usize,
+    /// Blocks `0..start_blocks` hold the start profile's files (0: no profile).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub start_blocks: u32,
     /// Bytes of all blocks as stored.
     pub stored_size: u64,
     /// Whole blob (blocks + TOC + footer).
@@ -88,6 +91,10 @@ pub struct TocSummary {
     pub original_media_type: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub original_size: Option<u64>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// Summarizes a TOC of a blob of `blob_size` bytes.
@@ -108,6 +115,7 @@ pub fn summarize(toc: &Toc, blob_size: u64) -> TocSummary {
         tar_size: toc.tar_size,
         block_size: toc.block_size,
         blocks: toc.blocks.len(),
+        start_blocks: toc.start_blocks,
         stored_size: toc.stored_size(),
         blob_size,
         compression_ratio: if blob_size == 0 {
@@ -267,6 +275,20 @@ pub fn render_text(layers: &[LayerInfo], show: ShowOptions) -> String {
             human_size(sum.blob_size),
             sum.compression_ratio
         );
+        if sum.start_blocks > 0 {
+            let stored: u64 = toc
+                .blocks
+                .iter()
+                .take(sum.start_blocks as usize)
+                .map(|b| b.stored_len)
+                .sum();
+            let _ = writeln!(
+                s,
+                "  start profile: blocks 0..{} ({} stored) hold the files a start reads first",
+                sum.start_blocks,
+                human_size(stored)
+            );
+        }
         let _ = writeln!(s, "  diffID {}", sum.diff_id);
         if let (Some(d), Some(m)) = (&sum.original_digest, &sum.original_media_type) {
             let _ = writeln!(

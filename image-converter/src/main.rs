@@ -15,7 +15,8 @@ use faasnet_image_converter::convert::short_digest;
 use faasnet_image_converter::inspect::{self, ShowOptions};
 use faasnet_image_converter::progress::Progress;
 use faasnet_image_converter::{
-    convert_image, parse_size, ClientConfig, ConvertConfig, ImageLocation, RegistryClient, Store,
+    convert_image, parse_size, ClientConfig, ConvertConfig, ImageLocation, RegistryClient,
+    StartProfile, Store,
 };
 
 /// Converts OCI images into the FaaSNet lz4 block format and reads converted layers back.
@@ -59,6 +60,12 @@ enum Command {
         /// ~/.cache/faasnet).
         #[arg(long, env = "FAASNET_CACHE_DIR")]
         cache_dir: Option<PathBuf>,
+        /// Put the files a start reads first in each layer, in the order it read them: FILE
+        /// lists image paths (usr/bin/python3), one per line, in first-read order; blank
+        /// lines and lines starting with # are ignored. Reordered layers get new diffIDs
+        /// and the image a new config (docs/image-converter.md, "Start profile").
+        #[arg(long, value_name = "FILE")]
+        start_profile: Option<PathBuf>,
         #[command(flatten)]
         registry: RegistryArgs,
     },
@@ -171,8 +178,16 @@ async fn run_async(cli: Cli) -> anyhow::Result<ExitCode> {
             jobs,
             force,
             cache_dir,
+            start_profile,
             registry,
         } => {
+            // Read the profile first: a bad one fails before anything is fetched or pushed.
+            let profile = match &start_profile {
+                Some(path) => Some(Arc::new(
+                    StartProfile::load(path).map_err(anyhow::Error::msg)?,
+                )),
+                None => None,
+            };
             let client = registry.client()?;
             let src_loc: ImageLocation = src.parse()?;
             let dst_loc: ImageLocation = dst.parse()?;
@@ -196,11 +211,29 @@ async fn run_async(cli: Cli) -> anyhow::Result<ExitCode> {
             cfg.cache = Arc::new(LayerCache::load(dir.as_deref()));
             cfg.progress = progress.clone();
             progress.message(format!("converting {src_loc} -> {dst_loc}"));
+            if let Some(p) = &profile {
+                progress.message(format!(
+                    "start profile {}: {} paths{}",
+                    p.source(),
+                    p.paths().len(),
+                    if p.is_empty() {
+                        " (no layer will be reordered)"
+                    } else {
+                        ""
+                    }
+                ));
+            }
+            cfg.start_profile = profile;
             let out = convert_image(&src_store, &dst_store, &cfg)
                 .await
                 .with_context(|| format!("converting {src_loc}"))?;
+            let reordered = if cfg.start_profile.is_some() {
+                format!(", {} reordered by the start profile", out.reordered)
+            } else {
+                String::new()
+            };
             progress.message(format!(
-                "pushed {dst_loc} ({} layers converted, {} reused, {} kept) as {}",
+                "pushed {dst_loc} ({} layers converted, {} reused, {} kept{reordered}) as {}",
                 out.converted, out.reused, out.kept, out.digest
             ));
             println!("{}", out.digest);
