@@ -273,3 +273,99 @@ fn build_layout(reference: &str, dir: &Path) {
     });
     std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
 }
+
+#[test]
+fn bad_start_profiles_name_the_line() {
+    let Some(s) = setup() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let src = s.reg.image("app:good");
+    let cases: [(&str, &[u8], &[&str]); 4] = [
+        (
+            "utf8.txt",
+            b"# ok\netc/ok\nbig\xff\xfe\n",
+            &["line 3", "not valid UTF-8"],
+        ),
+        (
+            "dotdot.txt",
+            b"etc/ok\n/usr/../../etc/shadow\n",
+            &["line 2", "/usr/../../etc/shadow", "escapes the layer root"],
+        ),
+        ("nul.txt", b"a\0b\n", &["line 1", "NUL"]),
+        ("root.txt", b"etc/ok\n\n/\n", &["line 3", "root directory"]),
+    ];
+    for (name, text, expected) in cases {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        let p = path.to_str().unwrap();
+        let mut want = vec![p];
+        want.extend_from_slice(expected);
+        s.expect_failure_with(&src, &["--start-profile", p], &want);
+    }
+    let missing = dir.path().join("missing.txt");
+    let p = missing.to_str().unwrap();
+    s.expect_failure_with(&src, &["--start-profile", p], &[p, "cannot read"]);
+}
+
+#[test]
+fn bad_layers_fail_the_same_way_with_a_start_profile() {
+    let Some(s) = setup() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let profile = dir.path().join("profile.txt");
+    std::fs::write(&profile, "f\netc/ok\nbig\nhuge\n").unwrap();
+    let flags = ["--start-profile", profile.to_str().unwrap(), "--force"];
+
+    let mut l = TestLayer::gzip(tar_of(&[Entry::File("f", &noise(500_000, 3))]));
+    l.blob.truncate(l.blob.len() / 2);
+    let src = s.push_bad("badp:truncated", l);
+    s.expect_failure_with(&src, &flags, &["gzip stream is corrupt or truncated"]);
+
+    let src = s.push_bad(
+        "badp:dotdot",
+        TestLayer::gzip(raw_tar(b"a/../../etc/evil", None, b"x")),
+    );
+    s.expect_failure_with(
+        &src,
+        &flags,
+        &["a/../../etc/evil", "escapes the layer root"],
+    );
+
+    let src = s.push_bad(
+        "badp:size",
+        TestLayer::gzip(raw_tar(b"huge", Some(b"77777777777"), b"small")),
+    );
+    s.expect_failure_with(
+        &src,
+        &flags,
+        &["tar entry \"huge\"", "size run past the end"],
+    );
+
+    let l = TestLayer::gzip(b"this is plain text, not a tar archive\n".repeat(100));
+    let src = s.push_bad("badp:nottar", l);
+    s.expect_failure_with(&src, &flags, &["not a valid tar archive"]);
+
+    let src = s.reg.image("badp:diffid");
+    let wrong = sha(b"something else");
+    push_image(
+        &src,
+        &[good_layer(), good_layer()],
+        Some(vec![sha(&good_layer().tar), wrong.clone()]),
+        false,
+    );
+    s.expect_failure_with(&src, &flags, &["diffID", &wrong]);
+
+    // A descriptor whose size does not match the blob: the download is refused.
+    let good = good_layer();
+    let src = s.reg.image("badp:size-field");
+    let r = faasnet_image_converter::Reference::parse(&src).unwrap();
+    let (bytes, mt) = image_manifest(&r, std::slice::from_ref(&good), None, false);
+    let mut m = json(&bytes);
+    m["layers"][0]["size"] = serde_json::json!(good.blob.len() as u64 + 1);
+    let bytes = serde_json::to_vec(&m).unwrap();
+    rt().block_on(async {
+        client()
+            .push_manifest(&r, r.reference(), mt, &bytes)
+            .await
+            .unwrap()
+    });
+    s.expect_failure_with(&src, &flags, &["the manifest says"]);
+}

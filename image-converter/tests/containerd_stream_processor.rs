@@ -120,7 +120,12 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
 impl Drop for Containerd {
     fn drop(&mut self) {
         // Remove what we created so that no mount or task outlives the test.
-        for ns in ["faasnet-orig", "faasnet-conv"] {
+        for ns in [
+            "faasnet-orig",
+            "faasnet-conv",
+            "faasnet-prof",
+            "faasnet-prof-orig",
+        ] {
             let _ = self.ctr(ns, &["tasks", "kill", "-s", "SIGKILL", ns]);
         }
         let _ = self.child.kill();
@@ -170,8 +175,8 @@ fn busybox_layers() -> Option<Vec<TestLayer>> {
     Some(vec![TestLayer::gzip(base), TestLayer::gzip(top)])
 }
 
-#[test]
-fn containerd_pulls_and_runs_a_converted_image() {
+/// True when this host can run the containerd tests (else says loudly why not).
+fn can_run_containerd() -> bool {
     let root = unsafe { libc_geteuid() } == 0;
     let missing: Vec<&str> = ["containerd", "ctr", "runc"]
         .into_iter()
@@ -182,25 +187,16 @@ fn containerd_pulls_and_runs_a_converted_image() {
             "\n!!!!!!!! SKIPPING containerd stream processor test: root={root}, missing: {missing:?} \
              (needs root, containerd, ctr, runc and /bin/busybox) !!!!!!!!\n"
         );
-        return;
+        return false;
     }
-    let Some(reg) = Registry::start() else { return };
-    let layers = busybox_layers().unwrap();
-    let src = reg.image("busybox:orig");
-    let dst = reg.image("busybox:faasnet");
-    push_image(&src, &layers, None, false);
-    let cache = tempfile::tempdir().unwrap();
-    let out = cli(
-        &["convert", &src, &dst, "--block-size", "64KiB"],
-        cache.path(),
-    );
-    assert!(out.status.success());
+    true
+}
 
-    // The stream processor is a wrapper that logs each call, then runs the real CLI: proof
-    // that containerd went through it.
-    let wrap_dir = tempfile::tempdir().unwrap();
-    let calls = wrap_dir.path().join("calls.log");
-    let wrapper = wrap_dir.path().join("decompress-wrapper");
+/// A stream processor that logs each call to `calls`, then runs the real CLI: proof that
+/// containerd went through it.
+fn logging_wrapper(dir: &Path) -> (PathBuf, PathBuf) {
+    let calls = dir.join("calls.log");
+    let wrapper = dir.join("decompress-wrapper");
     std::fs::write(
         &wrapper,
         format!(
@@ -215,13 +211,35 @@ fn containerd_pulls_and_runs_a_converted_image() {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
+    (wrapper, calls)
+}
 
+const SCRIPT: &str = "cat /etc/msg; ls /bin; sha256sum /data/noise.bin";
+
+#[test]
+fn containerd_pulls_and_runs_a_converted_image() {
+    if !can_run_containerd() {
+        return;
+    }
+    let Some(reg) = Registry::start() else { return };
+    let layers = busybox_layers().unwrap();
+    let src = reg.image("busybox:orig");
+    let dst = reg.image("busybox:faasnet");
+    push_image(&src, &layers, None, false);
+    let cache = tempfile::tempdir().unwrap();
+    let out = cli(
+        &["convert", &src, &dst, "--block-size", "64KiB"],
+        cache.path(),
+    );
+    assert!(out.status.success());
+
+    let wrap_dir = tempfile::tempdir().unwrap();
+    let (wrapper, calls) = logging_wrapper(wrap_dir.path());
     let ctd = Containerd::start(&wrapper);
-    let script = "cat /etc/msg; ls /bin; sha256sum /data/noise.bin";
     let mut outputs = Vec::new();
     for (image, ns) in [(&dst, "faasnet-conv"), (&src, "faasnet-orig")] {
         ctd.ctr_ok(ns, &["images", "pull", "--plain-http", image]);
-        let run = ctd.ctr_ok(ns, &["run", "--rm", image, ns, "/bin/sh", "-c", script]);
+        let run = ctd.ctr_ok(ns, &["run", "--rm", image, ns, "/bin/sh", "-c", SCRIPT]);
         outputs.push(run);
     }
     outputs.reverse();
@@ -244,6 +262,79 @@ fn containerd_pulls_and_runs_a_converted_image() {
     let orig = ctd.ctr_ok("faasnet-orig", &["snapshots", "ls"]);
     eprintln!("snapshots:\n{conv}");
     assert_eq!(conv, orig);
+}
+
+/// An image converted with a start profile (both layers reordered, new diffIDs and
+/// config): containerd's unpacker checks every processed layer against the new config's
+/// diffIDs, and the container's output equals the original image's.
+#[test]
+fn containerd_runs_an_image_converted_with_a_start_profile() {
+    if !can_run_containerd() {
+        return;
+    }
+    let Some(reg) = Registry::start() else { return };
+    let layers = busybox_layers().unwrap();
+    let src = reg.image("busybox:orig");
+    let dst = reg.image("busybox:profiled");
+    push_image(&src, &layers, None, false);
+    let dir = tempfile::tempdir().unwrap();
+    let profile = dir.path().join("profile.txt");
+    std::fs::write(
+        &profile,
+        "/bin/busybox\n/etc/msg\n/data/noise.bin\n/bin/sh\n",
+    )
+    .unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let out = cli(
+        &[
+            "convert",
+            &src,
+            &dst,
+            "--block-size",
+            "64KiB",
+            "--start-profile",
+            profile.to_str().unwrap(),
+        ],
+        cache.path(),
+    );
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("2 files moved first"), "{err}");
+    assert!(err.contains("2 reordered by the start profile"), "{err}");
+    // Both layers have new diffIDs, named by the new config.
+    let (m, _) = manifest_of(&dst).unwrap();
+    let m = json(&m);
+    let config = json(&blob_of(&dst, m["config"]["digest"].as_str().unwrap()));
+    for (i, l) in layers.iter().enumerate() {
+        let d = config["rootfs"]["diff_ids"][i].as_str().unwrap();
+        assert_ne!(d, sha(&l.tar));
+        assert_eq!(
+            m["layers"][i]["annotations"][faasnet_format::annotations::DIFF_ID],
+            d
+        );
+    }
+
+    let (wrapper, calls) = logging_wrapper(dir.path());
+    let ctd = Containerd::start(&wrapper);
+    let mut outputs = Vec::new();
+    for (image, ns) in [(&src, "faasnet-prof-orig"), (&dst, "faasnet-prof")] {
+        ctd.ctr_ok(ns, &["images", "pull", "--plain-http", image]);
+        outputs.push(ctd.ctr_ok(ns, &["run", "--rm", image, ns, "/bin/sh", "-c", SCRIPT]));
+    }
+    let calls = std::fs::read_to_string(&calls).unwrap_or_default();
+    assert_eq!(
+        calls.lines().count(),
+        2,
+        "the stream processor ran once per layer:\n{calls}"
+    );
+    eprintln!("original image output:\n{}", outputs[0]);
+    eprintln!("profiled image output:\n{}", outputs[1]);
+    assert!(outputs[0].contains("overridden by the second layer"));
+    assert_eq!(outputs[0], outputs[1]);
+    // New diffIDs, so a snapshot chain of its own.
+    let prof = ctd.ctr_ok("faasnet-prof", &["snapshots", "ls"]);
+    let orig = ctd.ctr_ok("faasnet-prof-orig", &["snapshots", "ls"]);
+    assert_ne!(prof, orig);
 }
 
 extern "C" {

@@ -4,34 +4,8 @@
 
 mod common;
 
-use std::io::Read;
-
 use common::*;
 use faasnet_format::{annotations, LAYER_MEDIA_TYPE};
-
-/// (path, type, mode, size, link, data) of every entry.
-type EntryList = Vec<(Vec<u8>, u8, u32, u64, Option<Vec<u8>>, Vec<u8>)>;
-
-fn entries(tar_bytes: &[u8]) -> EntryList {
-    let mut a = tar::Archive::new(tar_bytes);
-    a.entries()
-        .unwrap()
-        .map(|e| {
-            let mut e = e.unwrap();
-            let mut data = Vec::new();
-            e.read_to_end(&mut data).unwrap();
-            let h = e.header();
-            (
-                e.path_bytes().into_owned(),
-                h.entry_type().as_byte(),
-                h.mode().unwrap(),
-                h.size().unwrap(),
-                e.link_name_bytes().map(|l| l.into_owned()),
-                data,
-            )
-        })
-        .collect()
-}
 
 fn rich_layer() -> Vec<u8> {
     let big = noise(1_500_000, 7);

@@ -2,7 +2,7 @@
 //! a runner for the CLI binary.
 #![allow(dead_code)]
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -382,6 +382,31 @@ pub fn noise(len: usize, seed: u32) -> Vec<u8> {
             x ^= x >> 17;
             x ^= x << 5;
             x as u8
+        })
+        .collect()
+}
+
+/// (path, type, mode, size, link, data) of every entry.
+pub type EntryList = Vec<(Vec<u8>, u8, u32, u64, Option<Vec<u8>>, Vec<u8>)>;
+
+/// Every entry of a tar archive, in archive order.
+pub fn entries(tar_bytes: &[u8]) -> EntryList {
+    let mut a = tar::Archive::new(tar_bytes);
+    a.entries()
+        .unwrap()
+        .map(|e| {
+            let mut e = e.unwrap();
+            let mut data = Vec::new();
+            e.read_to_end(&mut data).unwrap();
+            let h = e.header();
+            (
+                e.path_bytes().into_owned(),
+                h.entry_type().as_byte(),
+                h.mode().unwrap(),
+                h.size().unwrap(),
+                e.link_name_bytes().map(|l| l.into_owned()),
+                data,
+            )
         })
         .collect()
 }
