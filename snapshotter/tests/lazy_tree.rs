@@ -258,7 +258,52 @@ async fn a_profiled_layer_fetches_its_start_blocks_at_mount() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(am.followed_blocks.get(), 3);
     assert_eq!(am.blocks_from(Source::Registry), 3);
+    // At the root they came as one run: two range requests, the table of contents and it.
+    assert_eq!(registry.range_requests(&layer.digest).len(), 2);
     read_all_and_compare(&mnt, &files).await;
+    a.unmount(&mnt).await.unwrap();
+}
+
+/// A run of start blocks from the registry with a bad block in the middle: the blocks before
+/// it are served, the bad one never is (a read of it fails), and nothing after it is taken
+/// from that response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_corrupt_block_in_a_registry_run_is_never_served() {
+    let registry = Registry::start();
+    let (tar, files) = layer_tar();
+    let (mut blob, converted) = convert_with(&tar, 3 * faasnet_format::MIN_BLOCK_SIZE as u64);
+    assert_eq!(converted.toc.start_blocks, 3);
+    let bad = &converted.toc.blocks[1];
+    blob[(bad.offset + bad.stored_len / 2) as usize] ^= 0x5a;
+    let digest = registry.push_blob(REPO, &blob).await;
+    let layer = LayerRef::new(registry.addr.clone(), REPO, digest).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, am) = manager(&dir.path().join("a"), false, false);
+    let mnt = mountpoint(dir.path(), "mnt");
+    a.mount(&layer, None, StaticUpstream::root(), &mnt)
+        .await
+        .unwrap();
+    wait_for(|| am.digest_failures.get() >= 1).await;
+    assert_eq!(am.digest_failures.get(), 1);
+    assert_eq!(am.blocks_from(Source::Registry), 1, "only block 0 landed");
+    let (mnt2, files2, converted2) = (mnt.clone(), files.clone(), converted.clone());
+    tokio::task::spawn_blocking(move || {
+        for (path, data) in &files2 {
+            let blocks = blocks_of(&converted2, &[path]);
+            match std::fs::read(mnt2.join(path)) {
+                Ok(got) => {
+                    assert!(
+                        !blocks.contains(&1),
+                        "{path} spans the bad block yet was read"
+                    );
+                    assert!(got == *data, "{path}: bytes differ");
+                }
+                Err(e) => assert!(blocks.contains(&1), "{path}: {e}"),
+            }
+        }
+    })
+    .await
+    .unwrap();
     a.unmount(&mnt).await.unwrap();
 }
 

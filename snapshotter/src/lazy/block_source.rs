@@ -430,34 +430,45 @@ impl FetchChain {
     }
 
     /// Fetches blocks `first..first + entries.len()` from the registry in one range request
-    /// (prefetch at the root), verifying each.
+    /// (runs at the root: prefetch, and a profiled layer's start blocks), verifying each and
+    /// handing it to `on_block` as soon as it is in. Returns how many were handed over; on an
+    /// error the rest did not come (and a block that failed its digest was not handed over).
     pub async fn fetch_run_from_registry(
         &self,
         layer: &LayerRef,
         first: usize,
         entries: &[BlockEntry],
-    ) -> Result<Vec<Bytes>> {
+        on_block: &mut (dyn FnMut(usize, Bytes) + Send),
+    ) -> Result<usize> {
         let start = Instant::now();
         let timeout = self.options.fetch_timeout * (entries.len() as u32).max(1);
-        let blocks =
-            tokio::time::timeout(timeout, self.registry.fetch_blocks(layer, first, entries))
-                .await
-                .map_err(|_| LazyError::Timeout {
-                    what: format!(
-                        "{layer} blocks {first}..{} from the registry",
-                        first + entries.len()
-                    ),
-                    timeout_ms: timeout.as_millis() as u64,
-                })??;
-        for (i, (b, entry)) in blocks.iter().zip(entries).enumerate() {
-            if let Err(e) = verify_block(layer, first + i, entry, b, Source::Registry) {
-                self.metrics.digest_failures.inc();
+        let metrics = self.metrics.clone();
+        let mut verified = |index: usize, b: Bytes| -> Result<()> {
+            if let Err(e) =
+                verify_block(layer, index, &entries[index - first], &b, Source::Registry)
+            {
+                metrics.digest_failures.inc();
                 return Err(e);
             }
-        }
+            on_block(index, b);
+            Ok(())
+        };
+        let n = tokio::time::timeout(
+            timeout,
+            self.registry
+                .fetch_blocks_each(layer, first, entries, &mut verified),
+        )
+        .await
+        .map_err(|_| LazyError::Timeout {
+            what: format!(
+                "{layer} blocks {first}..{} from the registry",
+                first + entries.len()
+            ),
+            timeout_ms: timeout.as_millis() as u64,
+        })??;
         self.metrics
             .fetch_latency(Source::Registry, start.elapsed().as_secs_f64());
-        Ok(blocks)
+        Ok(n)
     }
 }
 

@@ -97,6 +97,12 @@ impl FetchGate {
         }
     }
 
+    /// Counts as activity now: a layer was just mounted, its container's first reads are
+    /// about to come, and prefetch must not take the link before them.
+    pub fn touch(&self) {
+        *self.last_done.lock().unwrap() = Some(std::time::Instant::now());
+    }
+
     /// Waits until no on-demand fetch is in flight.
     pub async fn wait_idle(&self) {
         loop {
@@ -514,10 +520,19 @@ impl BlockStore {
         drop(self.start_fetch(&mut f, index, entry, Purpose::ReadAhead));
     }
 
-    /// Prefetch at the root: fetches up to `max` consecutive missing blocks from `start` in
-    /// one registry range request. Returns how many blocks it fetched (0 when `start` is
-    /// already present or in flight).
-    pub async fn prefetch_run(self: &Arc<Self>, start: usize, max: usize) -> Result<usize> {
+    /// At the root: fetches up to `max` consecutive missing blocks from `start` in one
+    /// registry range request, each landing (and served to whoever waits for it) as soon as it
+    /// is in. One flow instead of `max` keeps the root's downlink queue short, so that its
+    /// children's requests and acknowledgements are not stuck behind it. `purpose` is
+    /// [`Purpose::Prefetch`] or [`Purpose::Follow`] (a profiled layer's start blocks: counted
+    /// by the fetch gate and named in the start order). Returns how many blocks it fetched (0
+    /// when `start` is already present or in flight).
+    pub async fn fetch_run(
+        self: &Arc<Self>,
+        start: usize,
+        max: usize,
+        purpose: Purpose,
+    ) -> Result<usize> {
         let mut claimed = Vec::new();
         {
             let mut f = self.flights.lock().unwrap();
@@ -530,7 +545,7 @@ impl BlockStore {
             {
                 let (tx, rx) = oneshot::channel::<FetchResult>();
                 f.in_flight.insert(i, Self::flight_from(rx));
-                claimed.push(tx);
+                claimed.push(Some(tx));
                 i += 1;
             }
         }
@@ -538,37 +553,49 @@ impl BlockStore {
             return Ok(0);
         }
         let n = claimed.len();
+        if purpose.is_for_start() {
+            for i in start..start + n {
+                self.start_order.note(i);
+            }
+        }
         let entries = self.toc.blocks[start..start + n].to_vec();
         let me = self.clone();
+        let guard = (purpose != Purpose::Prefetch).then(|| self.gate.enter());
         let (done_tx, done_rx) = oneshot::channel();
-        tokio::spawn(async move {
+        tokio::spawn(FETCH_PURPOSE.scope(purpose, async move {
+            let mut on_block = |index: usize, b: Bytes| {
+                me.metrics.obtained(Source::Registry, b.len() as u64);
+                match purpose {
+                    Purpose::Follow => me.metrics.followed_blocks.inc(),
+                    _ => me.metrics.prefetched_blocks.inc(),
+                };
+                me.landed(index, b.clone());
+                if let Some(tx) = claimed[index - start].take() {
+                    let _ = tx.send(Ok(b));
+                }
+            };
             let result = me
                 .chain
-                .fetch_run_from_registry(&me.layer, start, &entries)
+                .fetch_run_from_registry(&me.layer, start, &entries, &mut on_block)
                 .await;
+            drop(guard);
             let outcome = match result {
-                Ok(blocks) => {
-                    for (k, (tx, b)) in claimed.into_iter().zip(blocks).enumerate() {
-                        me.metrics.obtained(Source::Registry, b.len() as u64);
-                        me.metrics.prefetched_blocks.inc();
-                        me.landed(start + k, b.clone());
-                        let _ = tx.send(Ok(b));
-                    }
-                    Ok(n)
-                }
+                Ok(got) => Ok(got),
                 Err(e) => {
-                    debug!(error = %e, start, n, "prefetch run failed");
+                    debug!(error = %e, start, n, "registry run failed");
                     let e = Arc::new(e);
                     let mut f = me.flights.lock().unwrap();
                     for (k, tx) in claimed.into_iter().enumerate() {
-                        f.in_flight.remove(&(start + k));
-                        let _ = tx.send(Err(e.clone()));
+                        if let Some(tx) = tx {
+                            f.in_flight.remove(&(start + k));
+                            let _ = tx.send(Err(e.clone()));
+                        }
                     }
                     Err(LazyError::Shared(e))
                 }
             };
             let _ = done_tx.send(outcome);
-        });
+        }));
         done_rx.await.unwrap_or(Ok(0))
     }
 

@@ -8,6 +8,10 @@
 //! reads, in order, before anybody reads them: those are queued first, at mount, from the
 //! node's upstream (the registry at the root), so that they arrive at the link's rate
 //! instead of one dependent miss after another; they join the start order like any other.
+//! At the root they come from the registry in runs of [`START_RUN_BLOCKS`], one run at a
+//! time: a single flow, in the order the start reads them, each block landing as soon as it
+//! is in; several flows at once would only fill the root's downlink queue, which its
+//! children's requests and acknowledgements must also cross.
 //!
 //! The task follows whoever the tree names as upstream: it subscribes again when the parent
 //! changes, waits while the node is the root (nothing to follow), and ends when the node
@@ -37,6 +41,8 @@ use super::{
 const RECHECK: Duration = Duration::from_millis(250);
 /// Pause after a subscription failed (the parent is gone, or has not mounted the layer).
 const RETRY: Duration = Duration::from_millis(500);
+/// Most start blocks fetched in one registry range request at the root.
+pub const START_RUN_BLOCKS: usize = 16;
 
 /// What following did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -98,16 +104,26 @@ pub fn spawn_follow(
         }
         let fetched = Arc::new(AtomicUsize::new(0));
         let failed = Arc::new(AtomicUsize::new(0));
+        let root_run = Arc::new(tokio::sync::Mutex::new(()));
         let workers = (0..concurrency.max(1)).map(|_| {
             let (store, queue) = (store.clone(), queue.clone());
             let (fetched, failed) = (fetched.clone(), failed.clone());
+            let root_run = root_run.clone();
             async move {
                 while let Some(index) = queue.pop().await {
                     if store.is_held_or_coming(index) {
                         continue;
                     }
-                    match store.stored_block(index, Purpose::Follow).await {
-                        Ok(_) => fetched.fetch_add(1, Ordering::Relaxed),
+                    let at_root = store.chain().current_peer().is_none();
+                    let result = if at_root && index < profiled {
+                        let _one_at_a_time = root_run.lock().await;
+                        let max = START_RUN_BLOCKS.min(profiled - index);
+                        store.fetch_run(index, max, Purpose::Follow).await
+                    } else {
+                        store.stored_block(index, Purpose::Follow).await.map(|_| 1)
+                    };
+                    match result {
+                        Ok(n) => fetched.fetch_add(n, Ordering::Relaxed),
                         Err(e) => {
                             debug!(index, error = %e, "follow: block failed");
                             failed.fetch_add(1, Ordering::Relaxed)

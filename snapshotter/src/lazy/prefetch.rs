@@ -3,8 +3,9 @@
 //! later run fetches those first.
 //!
 //! Prefetch yields to on-demand fetches (container reads, children's requests): before each
-//! fetch a worker waits until none has been in flight on this node for [`QUIET`]. At the root of a tree (upstream
-//! is the registry) it fetches runs of consecutive missing blocks in one range request.
+//! fetch a worker waits until none has been in flight on this node for [`QUIET`], counting
+//! from the mount too. At the root of a tree (upstream is the registry) it fetches runs of
+//! consecutive missing blocks in one range request.
 
 use std::{
     collections::{HashSet, VecDeque},
@@ -73,6 +74,8 @@ pub fn spawn_prefetch(
     store: Arc<BlockStore>,
     options: PrefetchOptions,
 ) -> tokio::task::JoinHandle<PrefetchReport> {
+    // Prefetch starts when the mount's first reads have come and gone, not before them.
+    store.gate().touch();
     tokio::spawn(async move {
         let queue = Arc::new(Mutex::new(VecDeque::from(prefetch_order(
             store.block_count(),
@@ -94,7 +97,7 @@ pub fn spawn_prefetch(
                     store.gate().wait_quiet(QUIET).await;
                     let at_root = store.chain().current_peer().is_none();
                     let result = if at_root {
-                        store.prefetch_run(index, run_blocks).await
+                        store.fetch_run(index, run_blocks, Purpose::Prefetch).await
                     } else {
                         store
                             .stored_block(index, Purpose::Prefetch)

@@ -321,16 +321,20 @@ impl RegistrySource {
         })
     }
 
-    /// Fetches consecutive blocks `first..first + entries.len()` in one range request and
-    /// splits it into frames (not verified: the caller does).
-    pub async fn fetch_blocks(
+    /// Fetches the contiguous blocks `first..first + entries.len()` in one range request and
+    /// hands each block's stored bytes to `on_block` (with its index) as soon as they are in,
+    /// not when the whole range is: a block fetched this way can travel down the tree while
+    /// the rest of the range still arrives. An error from `on_block` ends the fetch. Returns
+    /// how many blocks were handed over; an error after some were means the rest did not come.
+    pub async fn fetch_blocks_each(
         &self,
         layer: &LayerRef,
         first: usize,
         entries: &[BlockEntry],
-    ) -> Result<Vec<Bytes>> {
+        on_block: &mut (dyn FnMut(usize, Bytes) -> Result<()> + Send),
+    ) -> Result<usize> {
         let (Some(head), Some(last)) = (entries.first(), entries.last()) else {
-            return Ok(Vec::new());
+            return Ok(0);
         };
         let start = head.offset;
         let end = last.offset + last.stored_len;
@@ -343,14 +347,43 @@ impl RegistrySource {
                 first + entries.len()
             )));
         }
-        let body = self.fetch_range(layer, start, end - start).await?;
-        Ok(entries
-            .iter()
-            .map(|e| {
-                let off = (e.offset - start) as usize;
-                body.slice(off..off + e.stored_len as usize)
-            })
-            .collect())
+        let len = end - start;
+        let mut resp = self
+            .send(layer, Method::GET, Some((start, end - 1)))
+            .await?;
+        let url = self.blob_url(layer);
+        let status = resp.status();
+        if status != StatusCode::PARTIAL_CONTENT && !(status == StatusCode::OK && start == 0) {
+            return Err(LazyError::Registry {
+                url,
+                reason: format!("range {start}+{len} answered {status}"),
+            });
+        }
+        let mut buf = bytes::BytesMut::new();
+        let mut next = 0usize;
+        while next < entries.len() {
+            let chunk = resp.chunk().await.map_err(|e| LazyError::Registry {
+                url: url.clone(),
+                reason: format!("reading range {start}+{len}: {e}"),
+            })?;
+            let Some(chunk) = chunk else {
+                return Err(LazyError::Registry {
+                    url,
+                    reason: format!(
+                        "range {start}+{len} ended after {} of {} blocks",
+                        next,
+                        entries.len()
+                    ),
+                });
+            };
+            buf.extend_from_slice(&chunk);
+            while next < entries.len() && buf.len() as u64 >= entries[next].stored_len {
+                let block = buf.split_to(entries[next].stored_len as usize).freeze();
+                on_block(first + next, block)?;
+                next += 1;
+            }
+        }
+        Ok(next)
     }
 }
 
