@@ -19,7 +19,7 @@
 //! into the flow's start, so a block from a server that holds it costs `rtt + size/rate`.
 
 use std::cmp::Ordering;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
@@ -117,10 +117,34 @@ pub struct Params {
     /// each job using at most one core; `None`: every VM has its own CPU (no sharing).
     #[serde(default)]
     pub host_cores: Option<f64>,
+    /// Follow (the snapshotter's `follow_concurrency`, 4): per layer, a VM fetches the blocks
+    /// of its start region (trace `start_blocks`) at mount, and a child also every block its
+    /// parent's start order names, this many at a time through its chain (sibling half,
+    /// parent) as class followed. At a root (every VM in ondemand) the start region comes
+    /// from the registry in streamed runs instead ([`Params::start_run_blocks`]). 0: off.
+    #[serde(default = "four")]
+    pub follow_concurrency: usize,
+    /// Most start-region blocks in one registry range request at a root, one run at a time
+    /// per layer, each block usable as it arrives (`follow::START_RUN_BLOCKS`, 16).
+    #[serde(default = "sixteen")]
+    pub start_run_blocks: usize,
+    /// A peer's uplink writes one block at a time, by class (urgent, then followed, then
+    /// prefetch; first come first served within a class), as the peer server's `Uplink`.
+    /// False: a node's peer flows share its uplink max-min fairly in three strict classes.
+    #[serde(default = "yes")]
+    pub serial_uplink: bool,
 }
 
 fn yes() -> bool {
     true
+}
+
+fn four() -> usize {
+    4
+}
+
+fn sixteen() -> usize {
+    16
 }
 
 fn two_seconds() -> f64 {
@@ -145,6 +169,9 @@ impl Default for Params {
             prefetch_quiet_s: 2.0,
             prefetch_recorded_order: true,
             host_cores: None,
+            follow_concurrency: 4,
+            start_run_blocks: 16,
+            serial_uplink: true,
         }
     }
 }
@@ -280,6 +307,8 @@ enum Timer {
     StartPull { vm: usize },
     /// A VM's prefetch looks again whether the node has been quiet long enough.
     PrefetchWake { vm: usize },
+    /// `vm`'s parent's start order named `block` (it reaches the child after `rtt/2`).
+    Named { vm: usize, block: usize },
 }
 
 #[derive(Debug)]
@@ -508,8 +537,31 @@ enum Purpose {
     OnDemand,
     /// Read-ahead: urgent upstream, but does not hold prefetch back.
     ReadAhead,
+    /// Follow: a start-region block queued at mount, or a block the parent's start order
+    /// named. Class followed upstream; holds prefetch back like a read.
+    Follow,
     /// Background prefetch (own, or a child's): lowest priority, never split.
     Prefetch,
+}
+
+impl Purpose {
+    /// How an upstream peer ranks the request on its uplink.
+    fn class(self) -> Priority {
+        match self {
+            Purpose::OnDemand | Purpose::ReadAhead => Priority::Urgent,
+            Purpose::Follow => Priority::Followed,
+            Purpose::Prefetch => Priority::Background,
+        }
+    }
+
+    /// The purpose a server fetches a block with for a request of class `class`.
+    fn for_class(class: Priority) -> Purpose {
+        match class {
+            Priority::Urgent => Purpose::OnDemand,
+            Priority::Followed => Purpose::Follow,
+            Priority::Background => Purpose::Prefetch,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -520,6 +572,8 @@ enum Waiter {
     Child(usize),
     /// A prefetch worker of a layer.
     Prefetch(usize),
+    /// A follow worker of a layer.
+    Follow(usize),
 }
 
 #[derive(Debug)]
@@ -531,6 +585,8 @@ struct Fetch {
     server: Option<usize>,
     /// Counted in the node's on-demand gate (prefetch waits while any is in flight).
     gated: bool,
+    /// Part of a streamed start-region run from the registry (layer of the run).
+    run: Option<usize>,
 }
 
 /// The on-demand and function-tree engine.
@@ -565,6 +621,26 @@ struct Lazy<'a> {
     gate_in_flight: Vec<usize>,
     gate_last_done: Vec<f64>,
     wake_pending: Vec<bool>,
+    /// Per layer: first global index and end of the start region (global, exclusive).
+    layer_first: Vec<usize>,
+    start_end: Vec<usize>,
+    /// Per VM: its children in the tree.
+    children: Vec<Vec<usize>>,
+    /// Per (vm, block): already in the VM's start order (children were told).
+    noted: Vec<bool>,
+    /// Per (vm, layer): blocks queued for the follow workers, and how many are fetching.
+    follow_queue: Vec<VecDeque<usize>>,
+    follow_active: Vec<usize>,
+    /// Per (vm, layer): claimed blocks of the current streamed run not yet flowing, and
+    /// whether a run is in progress.
+    run_pending: Vec<VecDeque<usize>>,
+    run_active: Vec<bool>,
+    /// Per VM with a serial uplink: responses waiting for it, ordered by (class, arrival),
+    /// their queue keys by (dst, block), and whether a block is being written.
+    uplink_queue: Vec<BTreeSet<(Priority, u64, usize, usize)>>,
+    uplink_keys: HashMap<usize, (Priority, u64)>,
+    uplink_busy: Vec<bool>,
+    uplink_seq: u64,
     vms: Vec<VmResult>,
     ready: usize,
     events: u64,
@@ -638,6 +714,21 @@ impl<'a> Lazy<'a> {
         let registry = net.add_node(params.registry_egress_bps, f64::INFINITY);
         let vms = empty_vms(n, layout.as_ref());
         let layers = layer_len.len();
+        let mut children = vec![Vec::new(); n];
+        if let Some(l) = &layout {
+            for (vm, p) in l.parent.iter().enumerate() {
+                if let Some(p) = p {
+                    children[*p].push(vm);
+                }
+            }
+        }
+        let start_end: Vec<usize> = trace
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(l, layer)| layer_start[l] + layer.start_blocks.min(layer_len[l]))
+            .collect();
+        let nblocks = blocks.len();
         Lazy {
             params,
             n,
@@ -657,8 +748,21 @@ impl<'a> Lazy<'a> {
             prefetch_next: vec![0; n * layers],
             prefetch_active: vec![0; n * layers],
             gate_in_flight: vec![0; n],
-            gate_last_done: vec![f64::NEG_INFINITY; n],
+            // The quiet period counts from the mount (`store.gate().touch()` at spawn).
+            gate_last_done: vec![0.0; n],
             wake_pending: vec![false; n],
+            layer_first: layer_start,
+            start_end,
+            children,
+            noted: vec![false; n * nblocks],
+            follow_queue: vec![VecDeque::new(); n * layers],
+            follow_active: vec![0; n * layers],
+            run_pending: vec![VecDeque::new(); n * layers],
+            run_active: vec![false; n * layers],
+            uplink_queue: vec![BTreeSet::new(); n],
+            uplink_keys: HashMap::new(),
+            uplink_busy: vec![false; n],
+            uplink_seq: 0,
             vms,
             ready: 0,
             events: 0,
@@ -691,19 +795,14 @@ impl<'a> Lazy<'a> {
         self.events += 1;
         match next {
             Next::Flow(f) => self.flow_done(f),
-            Next::Timer(Timer::StartFlow { src, dst, block }) => {
-                let k = self.key(dst, block);
-                let fetch = self.fetches.get_mut(&k).expect("fetch in flight");
-                let src_node = src.unwrap_or(self.registry);
-                let size = self.blocks[block].2 as f64;
-                // Only our peer servers hold prefetch back; the registry (an HTTP server
-                // behind a FIFO egress) sends every response alike.
-                let class = if src.is_some() {
-                    fetch.priority
-                } else {
-                    Priority::Urgent
-                };
-                fetch.flow = Some(self.net.start_flow(src_node, dst, size, class, k as u64));
+            Next::Timer(Timer::StartFlow { src, dst, block }) => self.respond(src, dst, block),
+            Next::Timer(Timer::Named { vm, block }) => {
+                if self.state[self.key(vm, block)] == ABSENT {
+                    let layer = self.blocks[block].0;
+                    let slot = self.slot(vm, layer);
+                    self.follow_queue[slot].push_back(block);
+                    self.pump_follow(vm, layer);
+                }
             }
             Next::Timer(Timer::Serve {
                 server,
@@ -719,6 +818,22 @@ impl<'a> Lazy<'a> {
     }
 
     fn run(mut self, mode: Mode) -> Result<RunResult> {
+        // At mount, before the container's first read: every layer's follow task queues its
+        // start region (a root streams it from the registry in runs).
+        if self.params.follow_concurrency > 0 {
+            for vm in 0..self.n {
+                for layer in 0..self.layer_len.len() {
+                    if self.parent(vm).is_none() {
+                        self.next_run(vm, layer);
+                    } else {
+                        let slot = self.slot(vm, layer);
+                        let range = self.layer_first[layer]..self.start_end[layer];
+                        self.follow_queue[slot].extend(range);
+                        self.pump_follow(vm, layer);
+                    }
+                }
+            }
+        }
         for vm in 0..self.n {
             self.advance_reader(vm);
         }
@@ -758,25 +873,26 @@ impl<'a> Lazy<'a> {
     /// Makes sure `vm` is getting `block`, with `waiter` told when it arrives.
     fn fetch(&mut self, vm: usize, block: usize, purpose: Purpose, waiter: Option<Waiter>) {
         let k = self.key(vm, block);
-        let priority = if purpose == Purpose::Prefetch {
-            Priority::Background
-        } else {
-            Priority::Urgent
-        };
+        let priority = purpose.class();
+        if purpose != Purpose::Prefetch {
+            self.note(vm, block);
+        }
         match self.state[k] {
             PRESENT => unreachable!("callers check for present blocks"),
             IN_FLIGHT => {
                 if let Some(w) = waiter {
                     self.fetches.get_mut(&k).expect("in flight").waiters.push(w);
                 }
-                if priority == Priority::Urgent {
-                    self.upgrade(vm, block);
+                // A read or a follow takes over a prefetch fetch (`join_or_start`); anything
+                // else joins the fetch as it is.
+                if matches!(purpose, Purpose::OnDemand | Purpose::Follow) {
+                    self.upgrade(vm, block, priority);
                 }
             }
             _ => {
                 self.state[k] = IN_FLIGHT;
                 let server = self.upstream(vm, block, purpose);
-                let gated = purpose == Purpose::OnDemand;
+                let gated = matches!(purpose, Purpose::OnDemand | Purpose::Follow);
                 if gated {
                     self.gate_in_flight[vm] += 1;
                 }
@@ -788,6 +904,7 @@ impl<'a> Lazy<'a> {
                         waiters: waiter.into_iter().collect(),
                         server,
                         gated,
+                        run: None,
                     },
                 );
                 let now = self.net.now();
@@ -814,30 +931,173 @@ impl<'a> Lazy<'a> {
         }
     }
 
-    /// A read now waits for a block being prefetched: it becomes urgent here and upstream.
-    fn upgrade(&mut self, vm: usize, block: usize) {
+    /// A read or a follow now waits for a block being prefetched: the fetch takes its class
+    /// (`class`), here and upstream. Only prefetch fetches are taken over.
+    fn upgrade(&mut self, vm: usize, block: usize, class: Priority) {
         let k = self.key(vm, block);
         let Some(fetch) = self.fetches.get_mut(&k) else {
             return;
         };
-        if fetch.priority == Priority::Urgent {
+        if fetch.priority != Priority::Background || class == Priority::Background {
             return;
         }
-        fetch.priority = Priority::Urgent;
+        fetch.priority = class;
         match (fetch.flow, fetch.server) {
-            (Some(f), _) => self.net.set_priority(f, Priority::Urgent),
+            (Some(f), Some(_)) if !self.params.serial_uplink => self.net.set_priority(f, class),
+            (Some(_), _) => {} // being written (serial uplink) or from the registry (FIFO)
             (None, Some(s)) => {
-                if self.state[self.key(s, block)] == IN_FLIGHT {
-                    self.upgrade(s, block);
+                if let Some((old, seq)) = self.uplink_keys.get(&k).copied() {
+                    // Waiting for the server's uplink: move it up its queue.
+                    self.uplink_queue[s].remove(&(old, seq, vm, block));
+                    self.uplink_queue[s].insert((class, seq, vm, block));
+                    self.uplink_keys.insert(k, (class, seq));
+                } else if self.state[self.key(s, block)] == IN_FLIGHT {
+                    self.upgrade(s, block, class);
                 }
             }
             (None, None) => {}
         }
     }
 
+    fn slot(&self, vm: usize, layer: usize) -> usize {
+        vm * self.layer_len.len() + layer
+    }
+
+    /// Adds `block` to `vm`'s start order; its children hear of it `rtt/2` later.
+    fn note(&mut self, vm: usize, block: usize) {
+        let k = self.key(vm, block);
+        if self.noted[k] || self.params.follow_concurrency == 0 {
+            return;
+        }
+        self.noted[k] = true;
+        let at = self.net.now() + self.params.rtt_s / 2.0;
+        for i in 0..self.children[vm].len() {
+            let c = self.children[vm][i];
+            self.timers.at(at, Timer::Named { vm: c, block });
+        }
+    }
+
+    /// The response carrying `block` to `dst` is ready to go from `src` (a VM, or the
+    /// registry when `None`): a flow starts, or it waits for a serial uplink.
+    fn respond(&mut self, src: Option<usize>, dst: usize, block: usize) {
+        let k = self.key(dst, block);
+        match src {
+            Some(s) if self.params.serial_uplink => {
+                let class = self.fetches[&k].priority;
+                self.uplink_seq += 1;
+                let seq = self.uplink_seq;
+                self.uplink_queue[s].insert((class, seq, dst, block));
+                self.uplink_keys.insert(k, (class, seq));
+                self.pump_uplink(s);
+            }
+            _ => {
+                let fetch = self.fetches.get_mut(&k).expect("fetch in flight");
+                let size = self.blocks[block].2 as f64;
+                // Only our peer servers hold prefetch back; the registry (an HTTP server
+                // behind a FIFO egress) sends every response alike.
+                let (node, class) = match src {
+                    Some(s) => (s, fetch.priority),
+                    None => (self.registry, Priority::Urgent),
+                };
+                fetch.flow = Some(self.net.start_flow(node, dst, size, class, k as u64));
+            }
+        }
+    }
+
+    /// A serial uplink writes its next block, highest class first, if it is free.
+    fn pump_uplink(&mut self, s: usize) {
+        if self.uplink_busy[s] {
+            return;
+        }
+        let Some(first) = self.uplink_queue[s].pop_first() else {
+            return;
+        };
+        let (_, _, dst, block) = first;
+        let k = self.key(dst, block);
+        self.uplink_keys.remove(&k);
+        self.uplink_busy[s] = true;
+        let size = self.blocks[block].2 as f64;
+        // One block at a time on the uplink; on the child's downlink it shares with whatever
+        // else comes in (a FIFO link: no class there).
+        let flow = self
+            .net
+            .start_flow(s, dst, size, Priority::Urgent, k as u64);
+        self.fetches.get_mut(&k).expect("fetch in flight").flow = Some(flow);
+    }
+
+    /// A root streams its layer's start region from the registry: the next run of up to
+    /// `start_run_blocks` blocks it lacks (stopping at one held or coming), one at a time.
+    fn next_run(&mut self, vm: usize, layer: usize) {
+        let slot = self.slot(vm, layer);
+        if self.run_active[slot] {
+            return;
+        }
+        let end = self.start_end[layer];
+        let mut g = self.layer_first[layer];
+        while g < end && self.state[self.key(vm, g)] != ABSENT {
+            g += 1;
+        }
+        let mut claimed = VecDeque::new();
+        while g < end
+            && claimed.len() < self.params.start_run_blocks.max(1)
+            && self.state[self.key(vm, g)] == ABSENT
+        {
+            let k = self.key(vm, g);
+            self.state[k] = IN_FLIGHT;
+            self.gate_in_flight[vm] += 1;
+            self.fetches.insert(
+                k,
+                Fetch {
+                    priority: Priority::Followed,
+                    flow: None,
+                    waiters: Vec::new(),
+                    server: None,
+                    gated: true,
+                    run: Some(layer),
+                },
+            );
+            self.note(vm, g);
+            claimed.push_back(g);
+            g += 1;
+        }
+        if claimed.is_empty() {
+            return;
+        }
+        self.run_active[slot] = true;
+        self.run_pending[slot] = claimed;
+        // One range request: its first byte after a round trip, then the blocks back to back.
+        let first = self.run_pending[slot].pop_front().expect("claimed");
+        self.timers.at(
+            self.net.now() + self.params.rtt_s,
+            Timer::StartFlow {
+                src: None,
+                dst: vm,
+                block: first,
+            },
+        );
+    }
+
+    /// Keeps `vm`'s follow workers of `layer` busy with the queued blocks it lacks.
+    fn pump_follow(&mut self, vm: usize, layer: usize) {
+        let slot = self.slot(vm, layer);
+        while self.follow_active[slot] < self.params.follow_concurrency {
+            let Some(g) = self.follow_queue[slot].pop_front() else {
+                return;
+            };
+            if self.state[self.key(vm, g)] != ABSENT {
+                continue;
+            }
+            self.follow_active[slot] += 1;
+            self.fetch(vm, g, Purpose::Follow, Some(Waiter::Follow(layer)));
+        }
+    }
+
     /// A child's (or sibling's) request for `block` reached `server`.
     fn serve(&mut self, server: usize, child: usize, block: usize) {
         let priority = self.fetches[&self.key(child, block)].priority;
+        if priority != Priority::Background {
+            self.note(server, block);
+        }
         if self.state[self.key(server, block)] == PRESENT {
             self.timers.at(
                 self.net.now() + self.params.rtt_s / 2.0,
@@ -848,11 +1108,7 @@ impl<'a> Lazy<'a> {
                 },
             );
         } else {
-            let purpose = if priority == Priority::Urgent {
-                Purpose::OnDemand
-            } else {
-                Purpose::Prefetch
-            };
+            let purpose = Purpose::for_class(priority);
             self.fetch(server, block, purpose, Some(Waiter::Child(child)));
         }
     }
@@ -868,8 +1124,24 @@ impl<'a> Lazy<'a> {
         } else {
             self.vms[vm].peer_bytes += bytes;
             self.vms[done.src].served_bytes += bytes;
+            if self.params.serial_uplink {
+                self.uplink_busy[done.src] = false;
+                self.pump_uplink(done.src);
+            }
         }
         let fetch = self.fetches.remove(&k).expect("fetch in flight");
+        if let Some(layer) = fetch.run {
+            // The run streams on: the next claimed block follows at once; after the last,
+            // the next run is requested.
+            let slot = self.slot(vm, layer);
+            match self.run_pending[slot].pop_front() {
+                Some(next) => self.respond(None, vm, next),
+                None => {
+                    self.run_active[slot] = false;
+                    self.next_run(vm, layer);
+                }
+            }
+        }
         if fetch.gated {
             self.gate_in_flight[vm] -= 1;
             if self.gate_in_flight[vm] == 0 {
@@ -895,6 +1167,11 @@ impl<'a> Lazy<'a> {
                     self.prefetch_active[vm * self.layer_len.len() + layer] -= 1;
                     self.pump_prefetch(vm);
                 }
+                Waiter::Follow(layer) => {
+                    let slot = self.slot(vm, layer);
+                    self.follow_active[slot] -= 1;
+                    self.pump_follow(vm, layer);
+                }
             }
         }
     }
@@ -917,6 +1194,7 @@ impl<'a> Lazy<'a> {
         while let Some(&g) = self.reads.get(self.reader_pos[vm]) {
             let pos = self.reader_pos[vm];
             let present = self.state[self.key(vm, g)] == PRESENT;
+            self.note(vm, g);
             if !present {
                 self.fetch(vm, g, Purpose::OnDemand, Some(Waiter::Reader));
             }
@@ -1000,6 +1278,7 @@ mod tests {
             layers: vec![TraceLayer {
                 digest: String::new(),
                 blocks: vec![size; blocks],
+                start_blocks: 0,
             }],
             start_reads: reads.iter().map(|&b| (0, b)).collect(),
             file_ends: Vec::new(),
@@ -1023,6 +1302,9 @@ mod tests {
             prefetch_quiet_s: 0.0,
             prefetch_recorded_order: true,
             host_cores: None,
+            follow_concurrency: 0,
+            start_run_blocks: 16,
+            serial_uplink: false,
         }
     }
 
@@ -1212,6 +1494,77 @@ mod tests {
         assert_eq!(per, vec![3, 3, 2, 2]);
         assert_eq!(p.start_overhead_all(0), 2.0);
         assert_eq!(p.start_overhead_all(3), 1.0);
+    }
+
+    #[test]
+    fn a_root_streams_its_start_region_in_runs() {
+        // 8 blocks of 100 B, the first 6 a start region, read in order; link 100 B/s.
+        let mut t = trace(8, 100, &[0, 1, 2, 3, 4, 5]);
+        t.layers[0].start_blocks = 6;
+        let mut p = params(1);
+        p.rtt_s = 0.1;
+        p.follow_concurrency = 4;
+        p.start_run_blocks = 4;
+        let r = simulate(Mode::Ondemand, &p, &t).unwrap();
+        // Two runs (4 + 2 blocks), one round trip each, the blocks back to back: 6.2 s.
+        assert!(close(r.vms[0].data_ready_s, 6.2), "{:?}", r.vms[0]);
+        assert_eq!(r.registry_bytes, 600);
+        // Without follow, every read is its own round trip: 6 x 1.1 s.
+        p.follow_concurrency = 0;
+        let r = simulate(Mode::Ondemand, &p, &t).unwrap();
+        assert!(close(r.vms[0].data_ready_s, 6.6), "{:?}", r.vms[0]);
+    }
+
+    #[test]
+    fn a_child_follows_its_parents_start_region() {
+        // Root and one child; 4 start-region blocks read in order, no latency.
+        let mut t = trace(4, 100, &[0, 1, 2, 3]);
+        t.layers[0].start_blocks = 4;
+        let mut p = params(2);
+        p.follow_concurrency = 4;
+        p.serial_uplink = true;
+        let r = simulate(Mode::Faasnet, &p, &t).unwrap();
+        // The root streams at 100 B/s (4 s); the child gets each block as soon as the
+        // root holds it (serial uplink, one block behind): 5 s.
+        assert!(close(r.vms[0].data_ready_s, 4.0), "{:?}", r.vms[0]);
+        assert!(close(r.vms[1].data_ready_s, 5.0), "{:?}", r.vms[1]);
+        assert_eq!(r.vms[1].peer_bytes, 400);
+        assert_eq!(r.registry_bytes, 400);
+    }
+
+    #[test]
+    fn a_serial_uplink_is_never_slower_than_a_shared_one() {
+        // Root with two children (no sibling exchange) following the root's streamed start
+        // region, with the root's uplink writing one block at a time or shared by both.
+        let mut t = trace(4, 100, &[0, 1, 2, 3]);
+        t.layers[0].start_blocks = 4;
+        let mut p = params(3);
+        p.follow_concurrency = 4;
+        p.serial_uplink = true;
+        let serial = simulate(Mode::Faasnet, &p, &t).unwrap();
+        p.serial_uplink = false;
+        let shared = simulate(Mode::Faasnet, &p, &t).unwrap();
+        // Same bytes either way; one block at a time gets the first child its blocks no
+        // later than sharing the uplink does.
+        assert_eq!(serial.peer_bytes, shared.peer_bytes);
+        assert!(serial.vms[1].data_ready_s <= shared.vms[1].data_ready_s + 1e-9);
+        assert!(serial.max_s <= shared.max_s + 1e-9);
+    }
+
+    #[test]
+    fn prefetch_waits_quiet_from_the_mount() {
+        // A start that reads nothing the registry must send: prefetch still waits 2 s.
+        let t = trace(10, 100, &[]);
+        let mut p = params(1);
+        p.prefetch = true;
+        p.prefetch_quiet_s = 2.0;
+        p.h0_s = 2.5;
+        let r = simulate(Mode::Ondemand, &p, &t).unwrap();
+        // Start at 2.5 s; prefetch from 2 s: half of one block by then, none finished.
+        assert_eq!(r.registry_bytes, 0);
+        p.h0_s = 3.0;
+        let r = simulate(Mode::Ondemand, &p, &t).unwrap();
+        assert_eq!(r.registry_bytes, 100);
     }
 
     #[test]

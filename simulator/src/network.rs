@@ -4,9 +4,9 @@
 //!
 //! A flow from `src` to `dst` crosses exactly two links: `src`'s uplink and `dst`'s downlink
 //! (the core is assumed non-blocking, as in a cloud data centre where the VM's NIC limit is the
-//! bottleneck). Rates are the max-min fair allocation, computed in two strict priority classes:
-//! [`Priority::Urgent`] flows share the links first, [`Priority::Background`] flows get only
-//! the capacity urgent flows leave unused.
+//! bottleneck). Rates are the max-min fair allocation, computed in three strict priority
+//! classes: [`Priority::Urgent`] flows share the links first, [`Priority::Followed`] flows get
+//! the capacity urgent flows leave unused, [`Priority::Background`] flows what is left then.
 //!
 //! Rates are recomputed lazily, and only for the connected component (links joined by flows)
 //! that a start, finish or priority change touched. In a function tree a component is one
@@ -21,13 +21,21 @@ use std::collections::BinaryHeap;
 /// Index of a node (a VM or a registry) in a [`Network`].
 pub type NodeId = usize;
 
-/// Scheduling class of a flow.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// Scheduling class of a flow, highest first (the order is the priority order).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Priority {
     /// On-demand reads (the container waits for them) and read-ahead.
     Urgent,
-    /// Background prefetch: only capacity that urgent flows leave unused.
+    /// Blocks a child fetches because its parent's start order named them (follow): only
+    /// capacity that urgent flows leave unused.
+    Followed,
+    /// Background prefetch: only capacity that urgent and followed flows leave unused.
     Background,
+}
+
+impl Priority {
+    /// All classes, highest first.
+    pub const ALL: [Priority; 3] = [Priority::Urgent, Priority::Followed, Priority::Background];
 }
 
 /// Handle of a flow, valid until the flow finishes.
@@ -409,7 +417,7 @@ impl Network {
         for &l in &comp_links {
             self.rem[l] = self.links[l].cap;
         }
-        for class in [Priority::Urgent, Priority::Background] {
+        for class in Priority::ALL {
             self.fill_class(class, &comp_links, &comp_flows, mark);
         }
         let now = self.now;
@@ -615,12 +623,12 @@ mod tests {
     fn check_max_min(net: &mut Network) {
         let snap = net.snapshot();
         let nodes = net.node_count();
-        for class in [Priority::Urgent, Priority::Background] {
-            // Load per link: all urgent flows, plus this class when background.
+        for class in Priority::ALL {
+            // Load per link: the flows of this class and of every higher one.
             let mut load = vec![0.0; 2 * nodes];
             let mut max_on = vec![0.0f64; 2 * nodes];
             for &(_, s, d, p, r) in &snap {
-                if p == Priority::Urgent || p == class {
+                if p <= class {
                     load[2 * s] += r;
                     load[2 * d + 1] += r;
                 }

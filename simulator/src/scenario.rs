@@ -28,6 +28,12 @@ fn default_true() -> bool {
 fn default_one() -> usize {
     1
 }
+fn default_follow() -> usize {
+    4
+}
+fn default_start_run() -> usize {
+    16
+}
 fn default_one_f() -> f64 {
     1.0
 }
@@ -97,6 +103,15 @@ pub struct Scenario {
     /// Cores shared by all VMs' CPU work (container start, unpack); absent: no sharing.
     #[serde(default)]
     pub host_cores: Option<f64>,
+    /// Follow fetches at once per layer (the snapshotter's `follow_concurrency`); 0: off.
+    #[serde(default = "default_follow")]
+    pub follow_concurrency: usize,
+    /// Most start-region blocks per streamed registry run at a root.
+    #[serde(default = "default_start_run")]
+    pub start_run_blocks: usize,
+    /// Peer uplinks write one block at a time by class (urgent, followed, prefetch).
+    #[serde(default = "default_true")]
+    pub serial_uplink: bool,
     /// A block trace file (relative to the scenario file); else the synthetic image below.
     #[serde(default)]
     pub trace: Option<PathBuf>,
@@ -165,6 +180,9 @@ impl Scenario {
             prefetch_quiet_s: self.prefetch_quiet_ms / 1000.0,
             prefetch_recorded_order: self.prefetch_recorded_order,
             host_cores: self.host_cores,
+            follow_concurrency: self.follow_concurrency,
+            start_run_blocks: self.start_run_blocks,
+            serial_uplink: self.serial_uplink,
         }
     }
 

@@ -26,6 +26,15 @@ pub struct TraceLayer {
     pub digest: String,
     /// Compressed (stored) size of each block, in block order.
     pub blocks: Vec<u64>,
+    /// Blocks `0..start_blocks` are the start region of a layer converted with a start
+    /// profile (`Toc::start_blocks`): the snapshotter queues them at mount, in order, and at
+    /// the root fetches them from the registry in streamed runs. 0: no start region.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub start_blocks: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// The block trace file (JSON), as the benchmark writes it.
@@ -189,6 +198,7 @@ pub fn synthetic(img: &SyntheticImage, block_size: u64) -> Result<BlockTrace> {
         trace_layers.push(TraceLayer {
             digest: format!("synthetic:{i}"),
             blocks: vec![block_stored; n],
+            start_blocks: 0,
         });
     }
     trace_layers.retain(|l| !l.blocks.is_empty());
@@ -342,6 +352,7 @@ pub fn from_blobs(
         layers.push(TraceLayer {
             digest,
             blocks: toc.blocks.iter().map(|b| b.stored_len).collect(),
+            start_blocks: (toc.start_blocks as usize).min(n),
         });
         let ends = file_ends_of(&toc);
         match access_orders.get(i).and_then(|o| o.as_ref()) {
