@@ -21,7 +21,7 @@ use futures::{
     FutureExt,
 };
 use tokio::sync::oneshot;
-use tracing::{debug, warn};
+use tracing::{debug, trace, warn};
 
 use super::{
     block_cache::LayerCache,
@@ -490,6 +490,7 @@ impl BlockStore {
 
     /// A block arrived: serve it from memory, persist it in the background, then forget it.
     fn landed(self: &Arc<Self>, index: usize, bytes: Bytes) {
+        trace!(layer = %self.layer.digest, index, "block landed");
         {
             let mut f = self.flights.lock().unwrap();
             f.in_flight.remove(&index);

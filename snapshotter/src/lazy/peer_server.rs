@@ -28,7 +28,7 @@ use tokio::{
     sync::Notify,
     task::JoinSet,
 };
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, info, trace, warn, Instrument};
 
 use super::{
     block_store::{BlockStore, Purpose},
@@ -299,6 +299,7 @@ async fn serve_requests(stream: &mut TcpStream, shared: &Shared) -> Result<()> {
             return serve_follow(stream, &store, req.index as usize).await;
         }
         let index = req.index as usize;
+        trace!(layer = %req.digest, index, op = ?req.op, "block asked");
         if index >= store.block_count() {
             shared.metrics.serve_errors.inc();
             let msg = encode_err(
@@ -354,6 +355,7 @@ async fn serve_requests(stream: &mut TcpStream, shared: &Shared) -> Result<()> {
                 let h = peer_protocol::encode_response_header(Status::Ok, bytes.len() as u32);
                 stream.write_all(&h).await.map_err(io)?;
                 stream.write_all(&bytes).await.map_err(io)?;
+                trace!(layer = %req.digest, index, "block served");
                 shared.metrics.served_blocks.inc();
                 shared.metrics.served_bytes.inc_by(bytes.len() as u64);
             }
