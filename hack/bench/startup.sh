@@ -9,7 +9,7 @@
 #
 # Usage:
 #   hack/bench/startup.sh [--ns "1 2 4 8 16"] [--modes "baseline ondemand faasnet"]
-#                         [--rate 50mbit] [--image realistic] [--out DIR] [--no-doc]
+#                         [--rate 25mbit] [--image realistic] [--out DIR] [--no-doc]
 #                         [--no-profile]
 #
 #   Deploy-time start profile (default): the image is converted, started once on vm0 (the W
@@ -35,7 +35,7 @@ set -euo pipefail
 # shellcheck source=../lib/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../lib/common.sh"
 
-ns="1 2 4 8 16" modes="baseline ondemand faasnet" rate=50mbit image=realistic out="" doc=1
+ns="1 2 4 8 16" modes="baseline ondemand faasnet" rate=25mbit image=realistic out="" doc=1
 profile=1
 while [[ $# -gt 0 ]]; do
   case "$1" in
