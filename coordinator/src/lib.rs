@@ -8,6 +8,8 @@
 //!   single calls and [`client::TreeMembership`] to stay in a tree in the background.
 //! - [`server::serve`]: runs the gRPC service from a [`config::Config`].
 //! - [`function_tree`]: the balanced tree itself, pure and property-tested.
+//! - [`stripe_tree`]: the placement of a second stripe tree whose inner nodes are the
+//!   function tree's leaves (not used by the service yet).
 //! - [`forest`]: all trees with leases, watchers and persistence, without the network.
 //!
 //! See `docs/coordinator.md` for the design.
@@ -27,6 +29,7 @@ pub mod metrics;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod stripe_tree;
 pub mod upstream;
 pub mod validate;
 
