@@ -49,6 +49,10 @@ enum Command {
         /// Turn the sibling exchange off (both children fetch every block from the parent).
         #[arg(long)]
         no_sibling: bool,
+        /// Two stripe trees instead of the sibling exchange (the coordinator's
+        /// `stripe_tree`; not in the snapshotter yet).
+        #[arg(long)]
+        stripes: bool,
         /// Cores shared by all VMs' CPU work (0: none shared; default: the scenario's).
         #[arg(long)]
         host_cores: Option<f64>,
@@ -161,12 +165,14 @@ fn main() -> Result<()> {
             json,
             plot,
             no_sibling,
+            stripes,
             host_cores,
         } => {
             let mut s = Scenario::load(&scenario)?;
             if no_sibling {
                 s.sibling_exchange = false;
             }
+            s.stripe_trees |= stripes;
             if let Some(c) = host_cores {
                 s.host_cores = (c > 0.0).then_some(c);
             }

@@ -105,6 +105,12 @@ pub struct Params {
     /// sibling, side 1 the other way round. Prefetch is not split.
     #[serde(default = "yes")]
     pub sibling_exchange: bool,
+    /// Two stripe trees (coordinator `stripe_tree`): even-index blocks of a layer come down
+    /// the function tree, odd ones down the second tree, whose inner nodes are the first's
+    /// leaves; a root of either reads its stripe from the registry. Replaces the sibling
+    /// exchange. Not in the snapshotter yet: this asks what it would buy.
+    #[serde(default)]
+    pub stripe_trees: bool,
     /// Prefetch starts a fetch only after no on-demand fetch ran on the node for this long
     /// (the snapshotter's `prefetch::QUIET`, 2 s), seconds.
     #[serde(default = "two_seconds")]
@@ -166,6 +172,7 @@ impl Default for Params {
             containers_per_vm: 1.0,
             vm_cores: 2,
             sibling_exchange: true,
+            stripe_trees: false,
             prefetch_quiet_s: 2.0,
             prefetch_recorded_order: true,
             host_cores: None,
@@ -692,7 +699,7 @@ impl<'a> Lazy<'a> {
         }
         let n = params.n_vms;
         let mut split = vec![None; n];
-        if let (Some(l), true) = (&layout, params.sibling_exchange) {
+        if let (Some(l), true) = (&layout, params.sibling_exchange && !params.stripe_trees) {
             let mut children: Vec<Vec<usize>> = vec![Vec::new(); n];
             for (vm, p) in l.parent.iter().enumerate() {
                 if let Some(p) = p {
@@ -719,6 +726,14 @@ impl<'a> Lazy<'a> {
             for (vm, p) in l.parent.iter().enumerate() {
                 if let Some(p) = p {
                     children[*p].push(vm);
+                }
+            }
+            // With stripe trees a node's start order is heard by its children in both.
+            if params.stripe_trees {
+                for (vm, p) in l.second_parent.iter().enumerate() {
+                    if let Some(p) = p {
+                        children[*p].push(vm);
+                    }
                 }
             }
         }
@@ -780,6 +795,14 @@ impl<'a> Lazy<'a> {
     /// Who `vm` asks for `block`: the registry (`None`) at the root or without a tree; else
     /// the parent, or the sibling for the other side's half of an urgent fetch.
     fn upstream(&self, vm: usize, block: usize, purpose: Purpose) -> Option<usize> {
+        if let (true, Some(l)) = (self.params.stripe_trees, &self.layout) {
+            // Even blocks down the function tree, odd ones down the second tree.
+            return if self.blocks[block].1.is_multiple_of(2) {
+                l.parent[vm]
+            } else {
+                l.second_parent[vm]
+            };
+        }
         let parent = self.parent(vm)?;
         match self.split[vm] {
             Some((side, sibling))
@@ -823,7 +846,14 @@ impl<'a> Lazy<'a> {
         if self.params.follow_concurrency > 0 {
             for vm in 0..self.n {
                 for layer in 0..self.layer_len.len() {
-                    if self.parent(vm).is_none() {
+                    // With stripe trees every node (a root too, for the other stripe)
+                    // follows; a lone VM, the root of both, streams runs.
+                    let streams = if self.params.stripe_trees && self.n > 1 {
+                        false
+                    } else {
+                        self.parent(vm).is_none()
+                    };
+                    if streams {
                         self.next_run(vm, layer);
                     } else {
                         let slot = self.slot(vm, layer);
@@ -1299,6 +1329,7 @@ mod tests {
             containers_per_vm: 1.0,
             vm_cores: 2,
             sibling_exchange: false,
+            stripe_trees: false,
             prefetch_quiet_s: 0.0,
             prefetch_recorded_order: true,
             host_cores: None,
@@ -1344,6 +1375,38 @@ mod tests {
         // A cap of 0 blocks after each read: no read-ahead at all.
         let r = simulate(Mode::Ondemand, &p, &t.with_readahead_cap(0)).unwrap();
         assert_eq!(r.registry_bytes, 300);
+    }
+
+    #[test]
+    fn stripe_trees_spread_the_upload_over_every_vm() {
+        // 7 VMs, 48 blocks of 100 B all read, read-ahead 8: with sibling exchange the three
+        // inner VMs upload 1.5x the working set and the four leaves half of it; with stripe
+        // trees no VM uploads more than the working set, and (with the snapshotter's follow
+        // and serial uplinks) the slowest start is sooner.
+        let t = trace(48, 100, &(0..48).collect::<Vec<_>>());
+        let w = 4800;
+        let mut p = params(7);
+        p.readahead_blocks = 8;
+        p.follow_concurrency = 4;
+        p.serial_uplink = true;
+        p.sibling_exchange = true;
+        let sibling = simulate(Mode::Faasnet, &p, &t).unwrap();
+        p.stripe_trees = true;
+        let stripes = simulate(Mode::Faasnet, &p, &t).unwrap();
+        let most = |r: &RunResult| r.vms.iter().map(|v| v.served_bytes).max().unwrap();
+        assert!(most(&sibling) > w, "{}", most(&sibling));
+        assert!(most(&stripes) <= w, "{}", most(&stripes));
+        // Both roots read one stripe each from the registry: one working set in all.
+        assert_eq!(stripes.registry_bytes, w);
+        for v in &stripes.vms {
+            assert_eq!(v.peer_bytes + v.registry_bytes, w);
+        }
+        assert!(
+            stripes.max_s < sibling.max_s,
+            "{} vs {}",
+            stripes.max_s,
+            sibling.max_s
+        );
     }
 
     #[test]

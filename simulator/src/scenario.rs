@@ -94,6 +94,9 @@ pub struct Scenario {
     /// Sibling exchange between the two children of a parent (the snapshotter's default).
     #[serde(default = "default_true")]
     pub sibling_exchange: bool,
+    /// Two stripe trees instead of the sibling exchange (see `Params::stripe_trees`).
+    #[serde(default)]
+    pub stripe_trees: bool,
     /// Prefetch waits until no on-demand fetch ran on the node for this long, ms.
     #[serde(default = "default_quiet_ms")]
     pub prefetch_quiet_ms: f64,
@@ -177,6 +180,7 @@ impl Scenario {
             containers_per_vm: self.containers_per_vm,
             vm_cores: self.vm_cores,
             sibling_exchange: self.sibling_exchange,
+            stripe_trees: self.stripe_trees,
             prefetch_quiet_s: self.prefetch_quiet_ms / 1000.0,
             prefetch_recorded_order: self.prefetch_recorded_order,
             host_cores: self.host_cores,

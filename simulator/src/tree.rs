@@ -4,7 +4,7 @@
 //! simulator sees exactly the parents the coordinator would hand out: if the coordinator's
 //! placement changes, the simulated pipeline depth changes with it.
 
-use faasnet_coordinator::function_tree::FunctionTree;
+use faasnet_coordinator::{function_tree::FunctionTree, stripe_tree::StripeTree};
 
 use crate::error::{Result, SimError};
 
@@ -13,6 +13,9 @@ use crate::error::{Result, SimError};
 pub struct TreeLayout {
     /// The parent of each VM; `None` for the root (it reads the registry).
     pub parent: Vec<Option<usize>>,
+    /// The parent of each VM in the second stripe tree (the coordinator's `StripeTree`,
+    /// whose inner nodes are the function tree's leaves); `None` for its root.
+    pub second_parent: Vec<Option<usize>>,
     /// Depth of each VM (the root is 0).
     pub depth: Vec<u32>,
     /// Number of levels.
@@ -29,26 +32,37 @@ pub fn vm_name(i: usize) -> String {
 pub fn build(order: &[usize]) -> Result<TreeLayout> {
     let n = order.len();
     let mut tree: FunctionTree<usize> = FunctionTree::new();
+    let mut second = StripeTree::new();
     for &vm in order {
         if vm >= n {
             return Err(SimError::Invalid(format!(
                 "join order names vm {vm} of {n}"
             )));
         }
-        tree.insert(vm_name(vm), vm)
+        let delta = tree
+            .insert(vm_name(vm), vm)
+            .map_err(|e| SimError::Invalid(format!("join order: {e}")))?;
+        second
+            .joined(&tree, &vm_name(vm), &delta.placed)
             .map_err(|e| SimError::Invalid(format!("join order: {e}")))?;
     }
     let mut parent = vec![None; n];
     let mut depth = vec![0; n];
+    let mut second_parent = vec![None; n];
     for (id, &vm) in tree.iter() {
         parent[vm] = tree
             .parent(id)
             .expect("node is in the tree")
             .map(|(_, &p)| p);
         depth[vm] = tree.depth(id).expect("node is in the tree");
+        second_parent[vm] = second
+            .parent(id)
+            .expect("node is in both trees")
+            .and_then(|p| tree.get(p).copied());
     }
     Ok(TreeLayout {
         parent,
+        second_parent,
         depth,
         height: tree.height(),
     })
