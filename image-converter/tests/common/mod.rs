@@ -30,6 +30,19 @@ impl Registry {
             eprintln!("!!! SKIPPING: {bin} is not installed (apt-get install docker-registry)");
             return None;
         }
+        // Tests run in parallel: a port picked by another test's registry, or one that
+        // registry still holds, would let our readiness check talk to the wrong process.
+        // Ports are unique within this process, and the registry we started must still be
+        // running once the port answers; otherwise (its bind failed) try another port.
+        for _ in 0..5 {
+            if let Some(reg) = Self::try_start(bin) {
+                return Some(reg);
+            }
+        }
+        panic!("docker-registry did not start on any of 5 ports");
+    }
+
+    fn try_start(bin: &str) -> Option<Registry> {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
@@ -51,18 +64,26 @@ impl Registry {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let reg = Registry {
+        let mut reg = Registry {
             addr: addr.clone(),
             child,
             _dir: dir,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(&addr).is_err() {
+            if reg.child.try_wait().unwrap().is_some() {
+                return None;
+            }
             assert!(
                 Instant::now() < deadline,
                 "registry did not start on {addr}"
             );
             std::thread::sleep(Duration::from_millis(50));
+        }
+        // A registry that lost the port exits at once; give it the time to.
+        std::thread::sleep(Duration::from_millis(200));
+        if reg.child.try_wait().unwrap().is_some() {
+            return None;
         }
         Some(reg)
     }
@@ -82,11 +103,19 @@ impl Drop for Registry {
 
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap();
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// A runtime for the async client in sync tests.
