@@ -1,9 +1,10 @@
 //! A private containerd instance (own root, state, socket and config), optionally with our
 //! snapshotter as a proxy plugin and our stream processor, and `ctr` against it.
 
+use std::io::Read as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::time::Duration;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 
@@ -104,6 +105,23 @@ impl Containerd {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Like [`Self::ctr_ok`], but kills `ctr` after `limit`: the error then names the
+    /// processes stuck in the kernel and where (a container start that hangs on a read of a
+    /// lazy layer shows up as `runc init` waiting in a FUSE read), instead of a test that
+    /// never ends.
+    pub fn ctr_ok_within(&self, args: &[&str], limit: Duration) -> anyhow::Result<String> {
+        let mut cmd = in_netns(self.netns.as_deref(), "ctr");
+        cmd.arg("-a").arg(&self.socket).args(args);
+        let out = output_within(cmd, limit).with_context(|| format!("ctr {args:?}"))?;
+        anyhow::ensure!(
+            out.status.success(),
+            "ctr {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// Runs `ctr-remote ARGS...` (stargz's ctr, which passes remote-snapshot labels on pull).
     pub fn ctr_remote_ok(&self, args: &[&str]) -> anyhow::Result<String> {
         let mut cmd = in_netns(self.netns.as_deref(), "ctr-remote");
@@ -170,6 +188,77 @@ fn ctr_at(netns: Option<&str>, socket: &Path, args: &[&str]) -> anyhow::Result<O
     let mut cmd = in_netns(netns, "ctr");
     cmd.arg("-a").arg(socket).args(args);
     cmd.output().context("run ctr")
+}
+
+/// Runs `cmd` to completion, or kills it after `limit` and fails naming what is stuck.
+fn output_within(mut cmd: Command, limit: Duration) -> anyhow::Result<Output> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("spawn")?;
+    // Drained on threads so a chatty command cannot block on a full pipe.
+    let drain = |mut r: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            buf
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().expect("piped")));
+    let stderr = drain(Box::new(child.stderr.take().expect("piped")));
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().context("wait")? {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let stuck = stuck_processes();
+            let _ = child.kill();
+            let _ = child.wait();
+            anyhow::bail!(
+                "did not finish within {limit:?}; processes waiting in the kernel:\n{stuck}"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    Ok(Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    })
+}
+
+/// Every process in uninterruptible sleep (state D) with its command line and kernel stack.
+pub fn stuck_processes() -> String {
+    let mut out = String::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return "(no /proc)".into();
+    };
+    for e in dir.flatten() {
+        let pid = e.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        // "PID (comm) S ...": the state follows the last ')'.
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.split_whitespace().next());
+        if state != Some("D") {
+            continue;
+        }
+        let cmdline = std::fs::read(e.path().join("cmdline"))
+            .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+            .unwrap_or_default();
+        let stack = std::fs::read_to_string(e.path().join("stack")).unwrap_or_default();
+        out.push_str(&format!("pid {pid}: {}\n{stack}", cmdline.trim()));
+    }
+    if out.is_empty() {
+        out.push_str("(none)");
+    }
+    out
 }
 
 /// A command that runs `program` in network namespace `netns` (only the network namespace:

@@ -118,6 +118,13 @@ impl Network {
                 }
                 let _ = run("ip", &["netns", "del", &ns]);
             }
+            // A deleted namespace is freed only once its last socket is gone (a connection
+            // cut off by a partition retransmits for a while), and its veth with it: delete
+            // the host end now, which takes the pair down.
+            let host_if = format!("fn{}h{i}", self.id);
+            if Path::new("/sys/class/net").join(&host_if).exists() {
+                let _ = run("ip", &["link", "del", &host_if]);
+            }
         }
         let _ = run("ip", &["link", "del", &self.bridge()]);
     }

@@ -19,6 +19,9 @@ use crate::process::Daemon;
 pub const TENANT: &str = "t1";
 /// The tenant's token.
 pub const TOKEN: &str = "secret";
+/// Longest a test waits for one `ctr run` of a function: minutes above the slowest start in
+/// any test, so reaching it means a start hung.
+pub const RUN_LIMIT: Duration = Duration::from_secs(300);
 
 /// A running `coordinator serve` with its own sled directory.
 pub struct Coordinator {
@@ -410,19 +413,23 @@ impl Vm {
     }
 
     /// `ctr run --rm --snapshotter faasnet IMAGE <vm>-<id>` in namespace `ns`; returns stdout.
+    /// Fails after [`RUN_LIMIT`], naming what is stuck.
     pub fn run(&self, ns: &str, image: &str, id: &str) -> anyhow::Result<String> {
         let id = format!("{}-{id}", self.name);
         self.containerd
-            .ctr_ok(&[
-                "-n",
-                ns,
-                "run",
-                "--rm",
-                "--snapshotter",
-                "faasnet",
-                image,
-                &id,
-            ])
+            .ctr_ok_within(
+                &[
+                    "-n",
+                    ns,
+                    "run",
+                    "--rm",
+                    "--snapshotter",
+                    "faasnet",
+                    image,
+                    &id,
+                ],
+                RUN_LIMIT,
+            )
             .with_context(|| {
                 format!(
                     "{}: ctr run {image}\nsnapshotter log tail:\n{}",

@@ -114,6 +114,10 @@ pub struct ChainOptions {
     /// waiting for a connect timeout, until the coordinator names another parent (a new
     /// address is not skipped) or this passes.
     pub avoid_unreachable_peer_for: Duration,
+    /// Longest wait for one block from the parent, keep-alives or not: a safety net under the
+    /// parent's own bounds (a parent whose uplink is held by a dead child, or that keeps
+    /// saying "coming" and never sends, costs at most this before the registry is asked).
+    pub peer_block_deadline: Duration,
 }
 
 impl Default for ChainOptions {
@@ -123,6 +127,7 @@ impl Default for ChainOptions {
             fetch_timeout: Duration::from_secs(10),
             avoid_corrupt_peer_for: Duration::from_secs(60),
             avoid_unreachable_peer_for: Duration::from_secs(3),
+            peer_block_deadline: Duration::from_secs(30),
         }
     }
 }
@@ -396,7 +401,16 @@ impl FetchChain {
         entry: &BlockEntry,
     ) -> Result<Bytes> {
         let start = Instant::now();
-        let b = self.peer_source(addr).fetch(layer, index, entry).await?;
+        let deadline = self.options.peer_block_deadline;
+        let b = tokio::time::timeout(deadline, self.peer_source(addr).fetch(layer, index, entry))
+            .await
+            .map_err(|_| LazyError::Peer {
+                peer: addr.to_string(),
+                reason: format!(
+                    "block {index} not sent within {} ms (keep-alives only)",
+                    deadline.as_millis()
+                ),
+            })??;
         verify_block(layer, index, entry, &b, Source::Peer)?;
         self.metrics
             .fetch_latency(Source::Peer, start.elapsed().as_secs_f64());

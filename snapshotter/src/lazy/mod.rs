@@ -22,6 +22,7 @@
 //! - [`block_store`]: one layer's blocks: memory LRU, disk cache, single-flight fetches.
 //! - [`fuse_fs`]: the read-only FUSE filesystem of one layer, and [`fuse_fs::LayerMount`].
 //! - [`fuse_handover`]: FUSE connections kept by a holder process across restarts.
+//! - [`peer_link`]: bounds on a peer connection whose other end went silent.
 //! - [`peer_server`]: serves the blocks of registered layers to child nodes.
 //! - [`prefetch`]: background fetch of a whole layer, and the record of access order.
 //! - [`layer_manager`]: ties the above together per layer (mount, register, prefetch).
@@ -39,6 +40,7 @@ pub mod fuse_fs;
 pub mod fuse_handover;
 pub mod layer_manager;
 pub mod metrics;
+pub mod peer_link;
 pub mod peer_protocol;
 pub mod peer_server;
 pub mod peer_source;

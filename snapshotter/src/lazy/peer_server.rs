@@ -14,16 +14,22 @@
 //! The uplink is shared by all children, so it gives strict priority to urgent blocks: a block
 //! requested for prefetch is written only while no urgent block is being written. Otherwise a
 //! child's start would queue behind its sibling's prefetch.
+//!
+//! Because the uplink carries one block at a time, a child that stops reading (cut off by a
+//! partition, frozen) must not hold it: every write is bounded by [`WRITE_STALL`] and the
+//! kernel drops a connection whose data stays unacknowledged
+//! ([`super::peer_link::UNACKED_TIMEOUT`]). Without these bounds one dead child stalled its
+//! siblings' starts for TCP's own timeout, a quarter of an hour.
 
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex, RwLock},
     time::Duration,
 };
 
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::AsyncReadExt,
     net::{TcpListener, TcpStream},
     sync::Notify,
     task::JoinSet,
@@ -33,6 +39,7 @@ use tracing::{debug, info, trace, warn, Instrument};
 use super::{
     block_store::{BlockStore, Purpose},
     metrics::LazyMetrics,
+    peer_link::{bound_unacked, write_all_progressing},
     peer_protocol::{
         self, Class, Op, Status, KEEPALIVE_INTERVAL_MS, MAX_ORDER_BATCH, REQUEST_HEADER_LEN,
     },
@@ -42,6 +49,9 @@ use super::{
 
 /// Idle time after which a child's connection is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// A write to a child that makes no progress for this long ends the connection (the child
+/// stopped reading), so it frees the uplink for the other children.
+pub const WRITE_STALL: Duration = Duration::from_secs(4);
 /// How long a request for a layer that is not registered waits for it (well below a
 /// child's fetch timeout, so a child whose parent never mounts the layer loses little).
 pub const LAYER_GRACE: Duration = Duration::from_secs(6);
@@ -55,6 +65,8 @@ struct Shared {
     uplink: Uplink,
     /// This node's children, from their hellos (sibling exchange).
     children: Children,
+    /// Children whose write stalled lately.
+    not_reading: NotReading,
     metrics: Arc<LazyMetrics>,
 }
 
@@ -137,6 +149,32 @@ impl Drop for UplinkTurn<'_> {
     }
 }
 
+/// Children (by address: a child has several connections) a block write stalled to lately.
+/// Their other connections are dropped when their turn on the uplink comes instead of each
+/// holding it for another [`WRITE_STALL`]; by the time the mark expires the kernel has dropped
+/// any connection of theirs with data in flight ([`super::peer_link::UNACKED_TIMEOUT`]).
+#[derive(Default)]
+struct NotReading(Mutex<HashMap<IpAddr, std::time::Instant>>);
+
+impl NotReading {
+    fn mark(&self, ip: IpAddr) {
+        let until = std::time::Instant::now() + super::peer_link::UNACKED_TIMEOUT;
+        self.0.lock().unwrap().insert(ip, until);
+    }
+
+    fn is_marked(&self, ip: IpAddr) -> bool {
+        let mut marks = self.0.lock().unwrap();
+        match marks.get(&ip) {
+            Some(until) if std::time::Instant::now() < *until => true,
+            Some(_) => {
+                marks.remove(&ip);
+                false
+            }
+            None => false,
+        }
+    }
+}
+
 impl Shared {
     fn layer(&self, digest: &str) -> Option<Arc<BlockStore>> {
         self.layers.read().unwrap().get(digest).cloned()
@@ -179,6 +217,7 @@ impl PeerServer {
             registered: Notify::new(),
             uplink: Uplink::default(),
             children: Children::default(),
+            not_reading: NotReading::default(),
             metrics,
         });
         let task = tokio::spawn(accept_loop(listener, shared.clone()));
@@ -224,8 +263,9 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
+                    bound_unacked(&stream);
                     let span = tracing::debug_span!("peer_conn", %peer);
-                    conns.spawn(serve_conn(stream, shared.clone()).instrument(span));
+                    conns.spawn(serve_conn(stream, peer, shared.clone()).instrument(span));
                 }
                 Err(e) => {
                     warn!(error = %e, "peer server: accept");
@@ -237,13 +277,13 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-async fn serve_conn(mut stream: TcpStream, shared: Arc<Shared>) {
-    if let Err(e) = serve_requests(&mut stream, &shared).await {
+async fn serve_conn(mut stream: TcpStream, child: SocketAddr, shared: Arc<Shared>) {
+    if let Err(e) = serve_requests(&mut stream, child, &shared).await {
         debug!(error = %e, "peer connection closed");
     }
 }
 
-async fn serve_requests(stream: &mut TcpStream, shared: &Shared) -> Result<()> {
+async fn serve_requests(stream: &mut TcpStream, child: SocketAddr, shared: &Shared) -> Result<()> {
     let io = |e| LazyError::io("peer connection", e);
     loop {
         let mut header = [0u8; REQUEST_HEADER_LEN];
@@ -257,7 +297,9 @@ async fn serve_requests(stream: &mut TcpStream, shared: &Shared) -> Result<()> {
             Err(e) => {
                 // The stream is out of sync: answer and hang up.
                 let msg = encode_err(Status::BadRequest, &e.to_string());
-                stream.write_all(&msg).await.map_err(io)?;
+                write_all_progressing(stream, &msg, WRITE_STALL)
+                    .await
+                    .map_err(io)?;
                 return Err(LazyError::Protocol(e.0));
             }
         };
@@ -271,14 +313,18 @@ async fn serve_requests(stream: &mut TcpStream, shared: &Shared) -> Result<()> {
             Ok(Some((req, _))) => req,
             Ok(None) | Err(_) => {
                 let msg = encode_err(Status::BadRequest, "malformed request");
-                stream.write_all(&msg).await.map_err(io)?;
+                write_all_progressing(stream, &msg, WRITE_STALL)
+                    .await
+                    .map_err(io)?;
                 return Err(LazyError::Protocol("malformed request".into()));
             }
         };
         if req.op == Op::Hello {
             let answer = shared.children.hello(&req.digest).encode();
             let msg = peer_protocol::encode_response(Status::Ok, &answer);
-            stream.write_all(&msg).await.map_err(io)?;
+            write_all_progressing(stream, &msg, WRITE_STALL)
+                .await
+                .map_err(io)?;
             continue;
         }
         let store = match shared.layer(&req.digest) {
@@ -291,7 +337,9 @@ async fn serve_requests(stream: &mut TcpStream, shared: &Shared) -> Result<()> {
                 Status::UnknownLayer,
                 &format!("layer {} is not served by this node", req.digest),
             );
-            stream.write_all(&msg).await.map_err(io)?;
+            write_all_progressing(stream, &msg, WRITE_STALL)
+                .await
+                .map_err(io)?;
             continue;
         };
         if req.op == Op::StartOrder {
@@ -306,14 +354,18 @@ async fn serve_requests(stream: &mut TcpStream, shared: &Shared) -> Result<()> {
                 Status::BadIndex,
                 &format!("layer has {} blocks", store.block_count()),
             );
-            stream.write_all(&msg).await.map_err(io)?;
+            write_all_progressing(stream, &msg, WRITE_STALL)
+                .await
+                .map_err(io)?;
             continue;
         }
         // A sibling gets only blocks this node fetches from the parent itself (or holds):
         // anything else would be asked of the sibling again.
         if req.op.is_from_sibling() && !store.has_block(index) && !store.chain().owns(index) {
             let msg = encode_err(Status::Unavailable, "not in this node's half");
-            stream.write_all(&msg).await.map_err(io)?;
+            write_all_progressing(stream, &msg, WRITE_STALL)
+                .await
+                .map_err(io)?;
             continue;
         }
         // A block is fetched here (if need be) for what the child wants it for: an urgent
@@ -333,7 +385,7 @@ async fn serve_requests(stream: &mut TcpStream, shared: &Shared) -> Result<()> {
                 r = &mut fetch => break r,
                 _ = keepalive.tick() => {
                     let h = peer_protocol::encode_response_header(Status::KeepAlive, 0);
-                    stream.write_all(&h).await.map_err(io)?;
+                    write_all_progressing(stream, &h, WRITE_STALL).await.map_err(io)?;
                 }
             }
         };
@@ -348,13 +400,29 @@ async fn serve_requests(stream: &mut TcpStream, shared: &Shared) -> Result<()> {
                         t = &mut turn => break t,
                         _ = keepalive.tick() => {
                             let h = peer_protocol::encode_response_header(Status::KeepAlive, 0);
-                            stream.write_all(&h).await.map_err(io)?;
+                            write_all_progressing(stream, &h, WRITE_STALL).await.map_err(io)?;
                         }
                     }
                 };
-                let h = peer_protocol::encode_response_header(Status::Ok, bytes.len() as u32);
-                stream.write_all(&h).await.map_err(io)?;
-                stream.write_all(&bytes).await.map_err(io)?;
+                if shared.not_reading.is_marked(child.ip()) {
+                    return Err(LazyError::io(
+                        "peer connection",
+                        std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "this child stopped reading on another connection",
+                        ),
+                    ));
+                }
+                let mut msg =
+                    peer_protocol::encode_response_header(Status::Ok, bytes.len() as u32).to_vec();
+                msg.extend_from_slice(&bytes);
+                if let Err(e) = write_all_progressing(stream, &msg, WRITE_STALL).await {
+                    if e.kind() == std::io::ErrorKind::TimedOut {
+                        warn!(%child, error = %e, "a child stopped reading; its other requests are dropped");
+                        shared.not_reading.mark(child.ip());
+                    }
+                    return Err(io(e));
+                }
                 trace!(layer = %req.digest, index, "block served");
                 shared.metrics.served_blocks.inc();
                 shared.metrics.served_bytes.inc_by(bytes.len() as u64);
@@ -363,7 +431,9 @@ async fn serve_requests(stream: &mut TcpStream, shared: &Shared) -> Result<()> {
                 shared.metrics.serve_errors.inc();
                 warn!(layer = %req.digest, index, error = %e, "cannot serve block to a child");
                 let msg = encode_err(Status::Unavailable, &e.to_string());
-                stream.write_all(&msg).await.map_err(io)?;
+                write_all_progressing(stream, &msg, WRITE_STALL)
+                    .await
+                    .map_err(io)?;
             }
         }
     }
@@ -385,7 +455,9 @@ async fn serve_follow(stream: &mut TcpStream, store: &BlockStore, from: usize) -
                 Status::Ok,
                 &peer_protocol::encode_order_batch(&batch),
             );
-            stream.write_all(&msg).await.map_err(io)?;
+            write_all_progressing(stream, &msg, WRITE_STALL)
+                .await
+                .map_err(io)?;
             keepalive.reset();
             continue;
         }
@@ -393,7 +465,7 @@ async fn serve_follow(stream: &mut TcpStream, store: &BlockStore, from: usize) -
             () = order.grown_past(pos) => {}
             _ = keepalive.tick() => {
                 let h = peer_protocol::encode_response_header(Status::KeepAlive, 0);
-                stream.write_all(&h).await.map_err(io)?;
+                write_all_progressing(stream, &h, WRITE_STALL).await.map_err(io)?;
             }
         }
     }
@@ -424,8 +496,7 @@ async fn wait_for_layer(
             _ = &mut registered => {}
             _ = keepalive.tick() => {
                 let h = peer_protocol::encode_response_header(Status::KeepAlive, 0);
-                stream
-                    .write_all(&h)
+                write_all_progressing(stream, &h, WRITE_STALL)
                     .await
                     .map_err(|e| LazyError::io("peer connection", e))?;
             }

@@ -17,6 +17,7 @@ use tokio::{
 use super::{
     block_source::BlockSource,
     block_store::FETCH_PURPOSE,
+    peer_link::bound_unacked,
     peer_protocol::{self, BlockRequest, Class, Op, Status, RESPONSE_HEADER_LEN},
     LayerRef, LazyError, Result,
 };
@@ -66,6 +67,7 @@ impl PeerSource {
             .map_err(|_| self.stalled())?
             .map_err(|e| self.err(format!("connect: {e}")))?;
         let _ = conn.set_nodelay(true);
+        bound_unacked(&conn);
         Ok(conn)
     }
 
