@@ -683,6 +683,7 @@ impl TreeMembership {
         let placeholder = Upstream {
             epoch: 0,
             source: Source::Registry,
+            second: None,
         };
         let (tx, rx) = watch::channel(placeholder);
         let member = Arc::new(Member {

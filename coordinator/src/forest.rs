@@ -22,6 +22,7 @@ use tokio::sync::watch;
 use crate::function_tree::{Delta, FunctionTree};
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError, Write};
+use crate::stripe_tree::StripeTree;
 use crate::upstream::{Source, TreeKey, Upstream};
 use crate::validate;
 
@@ -96,6 +97,8 @@ struct NodeInfo {
 #[derive(Debug, Default)]
 struct TreeEntry {
     tree: FunctionTree<NodeInfo>,
+    /// The second stripe tree over the same nodes.
+    stripes: StripeTree,
     epoch: u64,
     /// Short id naming the tree in the store's node keys.
     id: u64,
@@ -186,30 +189,53 @@ fn check_ref(key: &TreeKey, node_id: Option<&str>) -> Result<(), ForestError> {
 }
 
 impl TreeEntry {
+    fn source(&self, parent: Option<&str>) -> Source {
+        match parent.and_then(|id| Some((id, self.tree.get(id)?))) {
+            None => Source::Registry,
+            Some((id, info)) => Source::Peer {
+                node_id: id.to_string(),
+                addr: info.addr.clone(),
+            },
+        }
+    }
+
     fn upstream(&self, node_id: &str) -> Option<Upstream> {
         let parent = self.tree.parent(node_id)?;
         Some(Upstream {
             epoch: self.epoch,
-            source: match parent {
-                None => Source::Registry,
-                Some((id, info)) => Source::Peer {
-                    node_id: id.to_string(),
-                    addr: info.addr.clone(),
-                },
-            },
+            source: self.source(parent.map(|(id, _)| id)),
+            second: self.stripes.parent(node_id).map(|p| self.source(p)),
         })
     }
 
-    /// Upstream updates for the watched nodes among `delta.changes`.
-    fn notes(&self, delta: &Delta) -> Vec<Note> {
+    /// Upstream updates for the watched nodes among `delta.changes` and `also` (nodes whose
+    /// parent in the second stripe tree changed).
+    fn notes(&self, delta: &Delta, also: &[crate::function_tree::UpstreamChange]) -> Vec<Note> {
+        let mut told = std::collections::HashSet::new();
         delta
             .changes
             .iter()
+            .chain(also)
+            .filter(|c| told.insert(c.node.clone()))
             .filter_map(|c| {
                 let tx = self.tree.get(&c.node)?.watch.clone()?;
                 Some((tx, self.upstream(&c.node)?))
             })
             .collect()
+    }
+
+    /// A second stripe tree for the function tree, built afresh (when none was stored, or
+    /// the stored one does not fit).
+    fn rebuild_stripes(&mut self) {
+        let mut first = FunctionTree::<()>::new();
+        let mut stripes = StripeTree::new();
+        for (id, _) in self.tree.iter() {
+            let delta = first.insert(id.to_string(), ()).expect("ids are unique");
+            stripes
+                .joined(&first, id, &delta.placed)
+                .expect("joined right after the function tree");
+        }
+        self.stripes = stripes;
     }
 }
 
@@ -244,11 +270,21 @@ impl Forest {
                 .map_err(|e| ForestError::Storage(StoreError::Sled(e.to_string())))?;
             tree_count += 1;
             node_count += tree.len() as i64;
-            let entry = TreeEntry {
-                tree,
+            let mut entry = TreeEntry {
+                stripes: StripeTree::new(),
                 epoch: loaded.epoch,
                 id: loaded.id,
+                tree,
             };
+            match StripeTree::from_order(&entry.tree, loaded.stripe_order) {
+                Ok(stripes) => entry.stripes = stripes,
+                Err(e) => {
+                    // A store written before stripe trees existed, or a damaged one: any
+                    // valid placement does; all of it is written with the next change.
+                    tracing::warn!(tree = %loaded.key, reason = %e, "second stripe tree rebuilt");
+                    entry.rebuild_stripes();
+                }
+            }
             trees.insert(loaded.key, Arc::new(Mutex::new(entry)));
         }
         metrics.trees.set(tree_count);
@@ -323,6 +359,7 @@ impl Forest {
                 };
                 Arc::new(Mutex::new(TreeEntry {
                     tree: FunctionTree::new(),
+                    stripes: StripeTree::new(),
                     epoch,
                     id,
                 }))
@@ -362,6 +399,12 @@ impl Forest {
                 .tree
                 .insert(node_id.to_string(), info)
                 .expect("checked for duplicates above");
+            let e = &mut *e;
+            let second = e
+                .stripes
+                .joined(&e.tree, node_id, &delta.placed)
+                .expect("the function tree took the node in just now");
+            let stripe_placed = e.stripes.take_placed();
             let write = Write {
                 tree_id: e.id,
                 epoch,
@@ -371,9 +414,14 @@ impl Forest {
                     .map(|(id, pos)| (id.as_str(), *pos, peer_addr))
                     .collect(),
                 remove: vec![],
+                stripe_put: stripe_placed
+                    .iter()
+                    .map(|(id, pos)| (id.as_str(), *pos))
+                    .collect(),
             };
             if let Err(err) = self.store.write(key, &write) {
-                // The insert was a pure append: undo it exactly.
+                // The coordinator refuses changes from now on and reloads from disk when
+                // restarted; the insert was a pure append, so undo it exactly anyway.
                 let _ = e.tree.remove(node_id);
                 return Err(self.fail(err));
             }
@@ -382,7 +430,7 @@ impl Forest {
                 self.metrics.trees.inc();
             }
             self.metrics.nodes.inc();
-            let notes = e.notes(&delta);
+            let notes = e.notes(&delta, &second);
             (e.upstream(node_id).expect("just inserted"), notes)
         };
         self.sync().await?;
@@ -412,11 +460,20 @@ impl Forest {
                 (id.as_str(), *pos, addr)
             })
             .collect();
+        let second = e
+            .stripes
+            .left(&e.tree, node_id, &delta.placed)
+            .expect("the function tree let the node go just now");
+        let stripe_placed = e.stripes.take_placed();
         let write = Write {
             tree_id: e.id,
             epoch,
             put: addrs,
             remove: vec![node_id],
+            stripe_put: stripe_placed
+                .iter()
+                .map(|(id, pos)| (id.as_str(), *pos))
+                .collect(),
         };
         self.store
             .write(key, &write)
@@ -436,7 +493,7 @@ impl Forest {
             RemoveReason::Unreachable => self.metrics.unreachable_removals.inc(),
         };
         tracing::debug!(tree = %key, node_id, ?reason, moved = delta.changes.len(), "removed");
-        Ok(e.notes(&delta))
+        Ok(e.notes(&delta, &second))
     }
 
     /// Removes a VM from its tree; answers the tree's new epoch.

@@ -11,6 +11,8 @@
 //!   8 bytes little-endian (names never contain control characters, see `validate`)
 //! - `n<tree id, 8 bytes big-endian><node_id>` → [`NodeRecord`]: position as 8 bytes
 //!   little-endian, then the peer address (UTF-8)
+//! - `s<tree id, 8 bytes big-endian><node_id>` → the node's position in the second stripe
+//!   tree ([`crate::stripe_tree`]), 8 bytes little-endian
 //!
 //! Node keys use the short tree id rather than the tenant and digest: sled copies and
 //! rewrites whole leaf pages on updates, so short keys make every write cheaper.
@@ -118,6 +120,8 @@ pub struct LoadedTree {
     pub epoch: u64,
     /// `(node_id, addr)` in position order.
     pub nodes: Vec<(String, String)>,
+    /// Node ids in position order of the second stripe tree (empty if none was stored).
+    pub stripe_order: Vec<String>,
 }
 
 /// One tree change to write: the new epoch, nodes (re)placed, nodes removed.
@@ -131,6 +135,8 @@ pub struct Write<'a> {
     pub put: Vec<(&'a str, usize, &'a str)>,
     /// Node ids to delete.
     pub remove: Vec<&'a str>,
+    /// `(node_id, position)` in the second stripe tree to put.
+    pub stripe_put: Vec<(&'a str, usize)>,
 }
 
 type Waiter = oneshot::Sender<Result<(), StoreError>>;
@@ -229,6 +235,12 @@ fn node_key(tree_id: u64, node: &str) -> Vec<u8> {
     k
 }
 
+fn stripe_key(tree_id: u64, node: &str) -> Vec<u8> {
+    let mut k = node_key(tree_id, node);
+    k[0] = b's';
+    k
+}
+
 fn corrupt(key: &[u8], reason: impl ToString) -> StoreError {
     StoreError::Corrupt {
         key: String::from_utf8_lossy(key).into_owned(),
@@ -300,6 +312,7 @@ impl Store {
                 id: meta.id,
                 epoch: meta.epoch,
                 nodes: Vec::new(),
+                stripe_order: Vec::new(),
             };
             if trees.insert(meta.id, tree).is_some() {
                 return Err(corrupt(&k, "tree id used twice"));
@@ -329,6 +342,25 @@ impl Store {
             trees.get_mut(&id).expect("checked").nodes =
                 nodes.into_iter().map(|(_, n, addr)| (n, addr)).collect();
         }
+        let mut stripes: BTreeMap<u64, Vec<(u64, String)>> = BTreeMap::new();
+        for item in self.db.scan_prefix(b"s") {
+            let (k, v) = item?;
+            if k.len() < 9 || v.len() != 8 {
+                return Err(corrupt(&k, "stripe record of the wrong size"));
+            }
+            let id = u64::from_be_bytes(k[1..9].try_into().expect("8 bytes"));
+            let node = std::str::from_utf8(&k[9..]).map_err(|e| corrupt(&k, e))?;
+            let pos = u64::from_le_bytes(v[..].try_into().expect("8 bytes"));
+            stripes.entry(id).or_default().push((pos, node.to_string()));
+        }
+        for (id, mut nodes) in stripes {
+            nodes.sort();
+            if let Some(t) = trees.get_mut(&id) {
+                // Checked against the function tree by the forest, which rebuilds it if
+                // it does not fit.
+                t.stripe_order = nodes.into_iter().map(|(_, n)| n).collect();
+            }
+        }
         Ok(trees.into_values().collect())
     }
 
@@ -355,6 +387,13 @@ impl Store {
         ops.push((meta_key(key), Some(meta.encode())));
         for node in &w.remove {
             ops.push((node_key(w.tree_id, node), None));
+            ops.push((stripe_key(w.tree_id, node), None));
+        }
+        for (node, position) in &w.stripe_put {
+            ops.push((
+                stripe_key(w.tree_id, node),
+                Some((*position as u64).to_le_bytes().to_vec()),
+            ));
         }
         for (node, position, addr) in &w.put {
             ops.push((
@@ -390,6 +429,7 @@ mod tests {
                     epoch: 1,
                     put: vec![("b", 1, "h:2"), ("a", 0, "h:1")],
                     remove: vec![],
+                    stripe_put: vec![("b", 0), ("a", 1)],
                 },
             )
             .unwrap();
@@ -400,6 +440,7 @@ mod tests {
                     epoch: 2,
                     put: vec![],
                     remove: vec!["b"],
+                    stripe_put: vec![("a", 0)],
                 },
             )
             .unwrap();
@@ -413,7 +454,8 @@ mod tests {
                 key: key.clone(),
                 id: 7,
                 epoch: 2,
-                nodes: vec![("a".into(), "h:1".into())]
+                nodes: vec![("a".into(), "h:1".into())],
+                stripe_order: vec!["a".into()],
             }]
         );
         assert_eq!(

@@ -38,6 +38,8 @@ pub struct StripeTree {
     index: HashMap<String, usize>,
     /// Nodes that are leaves in both trees (ordered, so that placement is deterministic).
     spares: BTreeSet<String>,
+    /// Positions written since the last [`StripeTree::take_placed`] (what to persist).
+    written: BTreeSet<usize>,
 }
 
 fn parent_pos(pos: usize) -> Option<usize> {
@@ -86,6 +88,46 @@ impl StripeTree {
         self.slots.iter().map(String::as_str)
     }
 
+    /// The nodes whose position changed since the last call, with their position now: what
+    /// a store must write to keep this tree.
+    pub fn take_placed(&mut self) -> Vec<(String, usize)> {
+        let written = std::mem::take(&mut self.written);
+        written
+            .into_iter()
+            .filter_map(|p| Some((self.slots.get(p)?.clone(), p)))
+            .collect()
+    }
+
+    /// The tree with nodes `order` in position order, as stored, for function tree `first`;
+    /// an error says why it cannot be (not the same nodes, or a node inner in both trees).
+    pub fn from_order<T>(first: &FunctionTree<T>, order: Vec<String>) -> Result<Self, String> {
+        let mut tree = StripeTree::new();
+        for (pos, id) in order.into_iter().enumerate() {
+            if !first.contains(&id) {
+                return Err(format!("node {id:?} is not in the function tree"));
+            }
+            if tree.index.insert(id.clone(), pos).is_some() {
+                return Err(format!("node {id:?} is placed twice"));
+            }
+            tree.slots.push(id);
+        }
+        if tree.slots.len() != first.len() {
+            return Err(format!(
+                "{} nodes placed, the function tree has {}",
+                tree.slots.len(),
+                first.len()
+            ));
+        }
+        let ids = tree.slots.clone();
+        for id in &ids {
+            if Self::inner_in_first(first, id) && tree.inner_here(id) {
+                return Err(format!("node {id:?} is inner in both trees"));
+            }
+            tree.refresh_spare(first, id);
+        }
+        Ok(tree)
+    }
+
     /// Adds `id`, which `first` (the function tree, already updated) has just taken in;
     /// `placed` is that insert's [`crate::function_tree::Delta::placed`]. Returns the nodes
     /// whose parent in this tree changed, the newcomer first.
@@ -106,6 +148,7 @@ impl StripeTree {
         let pos = self.slots.len();
         self.note(&mut before, pos);
         self.slots.push(id.to_string());
+        self.written.insert(pos);
         self.index.insert(id.to_string(), pos);
         let mut touched = self.boundary(first);
         touched.push(id.to_string());
@@ -152,6 +195,7 @@ impl StripeTree {
         self.index.remove(id);
         self.spares.remove(id);
         self.slots.swap_remove(pos);
+        self.written.insert(pos);
         if pos < self.slots.len() {
             let moved = self.slots[pos].clone();
             self.index.insert(moved.clone(), pos);
@@ -218,6 +262,7 @@ impl StripeTree {
             self.note(before, a);
             self.note(before, b);
             self.slots.swap(a, b);
+            self.written.extend([a, b]);
             self.index.insert(id.clone(), b);
             self.index.insert(spare.clone(), a);
             self.refresh_spare(first, &id);

@@ -27,6 +27,9 @@ pub struct Upstream {
     pub epoch: u64,
     /// Where to read from.
     pub source: Source,
+    /// Where to read the second stripe (odd blocks) from: the VM's parent in the second
+    /// stripe tree ([`crate::stripe_tree`]); `None` from a coordinator without one.
+    pub second: Option<Source>,
 }
 
 impl Upstream {
@@ -44,14 +47,22 @@ impl Upstream {
     }
 }
 
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Registry => write!(f, "registry (root)"),
+            Source::Peer { node_id, addr } => write!(f, "peer {node_id} at {addr}"),
+        }
+    }
+}
+
 impl fmt::Display for Upstream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.source {
-            Source::Registry => write!(f, "registry (root) @ epoch {}", self.epoch),
-            Source::Peer { node_id, addr } => {
-                write!(f, "peer {node_id} at {addr} @ epoch {}", self.epoch)
-            }
+        write!(f, "{}", self.source)?;
+        if let Some(second) = &self.second {
+            write!(f, ", second stripe {second}")?;
         }
+        write!(f, " @ epoch {}", self.epoch)
     }
 }
 
@@ -80,16 +91,27 @@ impl fmt::Display for TreeKey {
     }
 }
 
+fn pb_peer(node_id: &str, addr: &str) -> crate::pb::Peer {
+    crate::pb::Peer {
+        node_id: node_id.to_string(),
+        addr: addr.to_string(),
+    }
+}
+
 impl From<&Upstream> for crate::pb::Upstream {
     fn from(u: &Upstream) -> Self {
+        use crate::pb::second_upstream::Source as S2;
         use crate::pb::upstream::Source as S;
         crate::pb::Upstream {
             epoch: u.epoch,
             source: Some(match &u.source {
                 Source::Registry => S::Root(crate::pb::Root {}),
-                Source::Peer { node_id, addr } => S::Peer(crate::pb::Peer {
-                    node_id: node_id.clone(),
-                    addr: addr.clone(),
+                Source::Peer { node_id, addr } => S::Peer(pb_peer(node_id, addr)),
+            }),
+            second: u.second.as_ref().map(|s| crate::pb::SecondUpstream {
+                source: Some(match s {
+                    Source::Registry => S2::Root(crate::pb::Root {}),
+                    Source::Peer { node_id, addr } => S2::Peer(pb_peer(node_id, addr)),
                 }),
             }),
         }
@@ -109,9 +131,20 @@ impl TryFrom<crate::pb::Upstream> for Upstream {
             },
             None => return Err("upstream without a source".into()),
         };
+        use crate::pb::second_upstream::Source as S2;
+        let second = match u.second.map(|s| s.source) {
+            None => None,
+            Some(Some(S2::Root(_))) => Some(Source::Registry),
+            Some(Some(S2::Peer(p))) => Some(Source::Peer {
+                node_id: p.node_id,
+                addr: p.addr,
+            }),
+            Some(None) => return Err("second stripe upstream without a source".into()),
+        };
         Ok(Upstream {
             epoch: u.epoch,
             source,
+            second,
         })
     }
 }

@@ -76,6 +76,56 @@ fn check_tree(map: &HashMap<String, Upstream>, epoch: u64) -> Result<(), TestCas
     }
     prop_assert!(kids.values().all(|&k| k <= 2));
     prop_assert!(height <= ((n + 1) as f64).log2().ceil() as usize);
+    check_second_tree(map, &kids)
+}
+
+/// The second stripe tree: a balanced binary tree over the same nodes, and no node forwards
+/// in both trees (`kids`: children in the function tree).
+fn check_second_tree(
+    map: &HashMap<String, Upstream>,
+    kids: &HashMap<String, usize>,
+) -> Result<(), TestCaseError> {
+    let n = map.len();
+    let second = |u: &Upstream| match u.second.clone() {
+        Some(Source::Peer { node_id, .. }) => Ok(Some(node_id)),
+        Some(Source::Registry) => Ok(None),
+        None => Err(TestCaseError::fail("no second stripe upstream")),
+    };
+    let mut roots = 0;
+    let mut kids2: HashMap<String, usize> = HashMap::new();
+    for (node, up) in map {
+        match second(up)? {
+            None => roots += 1,
+            Some(p) => {
+                prop_assert!(
+                    map.contains_key(&p),
+                    "{}'s second parent {} is absent",
+                    node,
+                    p
+                );
+                *kids2.entry(p).or_default() += 1;
+            }
+        }
+        let (mut cur, mut steps) = (node.clone(), 1);
+        while let Some(p) = second(&map[&cur])? {
+            cur = p;
+            steps += 1;
+            prop_assert!(steps <= n, "cycle in the second tree");
+        }
+        prop_assert!(
+            steps <= ((n + 1) as f64).log2().ceil() as usize,
+            "second tree too high"
+        );
+    }
+    prop_assert_eq!(roots, 1, "one root of the second tree");
+    prop_assert!(kids2.values().all(|&k| k <= 2));
+    for node in map.keys() {
+        prop_assert!(
+            !(kids.contains_key(node) && kids2.contains_key(node)),
+            "{} forwards in both trees",
+            node
+        );
+    }
     Ok(())
 }
 
@@ -202,8 +252,9 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 (Err(_), Some(_)) => prop_assert!(false, "watch of live node {} closed", id),
                 (Ok(_), None) => prop_assert!(false, "watch of removed node {} still open", id),
                 (Ok(notified), Some(cur)) => {
-                    let before = snapshot[t].get(&id).map(|u| &u.source);
-                    let moved = before != Some(&cur.source);
+                    // Either parent: in the function tree or in the second stripe tree.
+                    let before = snapshot[t].get(&id).map(|u| (&u.source, &u.second));
+                    let moved = before != Some((&cur.source, &cur.second));
                     if multi_change {
                         prop_assert!(!moved || notified, "{} moved but was not told", id);
                     } else {
@@ -217,8 +268,8 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     }
                     let seen = rx.borrow_and_update().clone();
                     prop_assert_eq!(
-                        &seen.source,
-                        &cur.source,
+                        (&seen.source, &seen.second),
+                        (&cur.source, &cur.second),
                         "watcher holds the current upstream"
                     );
                     if notified && !multi_change {
