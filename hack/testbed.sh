@@ -3,9 +3,9 @@
 # containerd and FaaSNet snapshotter, a registry in its own namespace, and the coordinator.
 #
 # Usage:
-#   hack/testbed.sh up N [--rate 100mbit] [--registry-rate 400mbit] [--mode faasnet|ondemand]
+#   hack/testbed.sh up N [--rate 100mbit] [--registry-rate 400mbit] [--mode faasnet|stripes|ondemand]
 #                        [--profile release|debug] [--no-prefetch] [--no-sibling]
-#   hack/testbed.sh reset [--mode faasnet|ondemand] [--no-prefetch] [--no-sibling]
+#   hack/testbed.sh reset [--mode faasnet|stripes|ondemand] [--no-prefetch] [--no-sibling]
 #                                        # every VM and the coordinator restarted with empty state
 #                                        # (caches, images, trees); the registry keeps its images
 #   hack/testbed.sh status               # what runs, the trees, each VM's block sources
@@ -29,8 +29,9 @@
 # Processes join only the network namespace (nsenter --net), so FUSE mounts stay visible to
 # the VM's containerd.
 #
-# Modes: faasnet = the function tree (coordinator); ondemand = lazy loading, every VM reads the
-# registry (no tree). The baseline (stock containerd, overlayfs, full pull) runs in either mode:
+# Modes: faasnet = the function tree (coordinator); stripes = the same with stripe trees (odd
+# blocks down the coordinator's second tree, no sibling exchange); ondemand = lazy loading,
+# every VM reads the registry (no tree). The baseline (stock containerd, overlayfs, full pull) runs in either mode:
 # `run --baseline` with the original image.
 # State: /var/lib/faasnet-testbed (roots), /run/faasnet-testbed (sockets, logs, pids).
 # Environment: FAASNET_TB_LOG sets the snapshotters' log filter (default info); FAASNET_TB_LAZY
@@ -104,9 +105,10 @@ peer_listen = "${ip}:9112"
 insecure_registries = ["${REG_ADDR}"]
 prefetch = ${prefetch}
 sibling_exchange = ${sibling}
+stripe_trees = $([[ "$mode" == stripes ]] && echo true || echo false)
 ${FAASNET_TB_LAZY:-}
 EOF
-  if [[ "$mode" == faasnet ]]; then
+  if [[ "$mode" == faasnet || "$mode" == stripes ]]; then
     cat >>"${TB_RUN}/vm${i}/snapshotter.toml" <<EOF
 
 [coordinator]
@@ -220,7 +222,8 @@ cmd_up() {
       *) usage ;;
     esac
   done
-  [[ "$mode" == faasnet || "$mode" == ondemand ]] || die "up: --mode is faasnet or ondemand"
+  [[ "$mode" == faasnet || "$mode" == stripes || "$mode" == ondemand ]] ||
+    die "up: --mode is faasnet, stripes or ondemand"
   [[ -e "${TB_RUN}/vms" ]] && die "a testbed is up; run hack/testbed.sh down first"
   need_cmd nsenter ip tc containerd ctr ctr-remote docker-registry curl
   mkdir -p "$TB_RUN" "$TB_STATE"
@@ -288,7 +291,8 @@ cmd_reset() {
       *) usage ;;
     esac
   done
-  [[ "$mode" == faasnet || "$mode" == ondemand ]] || die "reset: --mode is faasnet or ondemand"
+  [[ "$mode" == faasnet || "$mode" == stripes || "$mode" == ondemand ]] ||
+    die "reset: --mode is faasnet, stripes or ondemand"
   for ((i = 0; i < n; i++)); do
     stop_vm "$i" &
   done

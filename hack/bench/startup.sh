@@ -112,7 +112,7 @@ for mode in $modes; do
     else
       "$tb" run "$converted" --vms "$vms" --json "${out}/runs/${mode}-${n}.json" || true
     fi
-    if [[ "$mode" == faasnet ]]; then
+    if [[ "$mode" == faasnet || "$mode" == stripes ]]; then
       "$tb" status >"${out}/runs/${mode}-${n}.status" 2>&1 || true
     fi
   done

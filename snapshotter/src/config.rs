@@ -100,6 +100,11 @@ pub struct LazyConfig {
     /// and the other half from each other, so the parent's uplink carries every block once
     /// (docs/lazy.md).
     pub sibling_exchange: bool,
+    /// Stripe trees: even blocks come down the function tree, odd blocks down the
+    /// coordinator's second stripe tree, in which the VMs that forward in the first are
+    /// leaves, so no VM uploads more than one working set (docs/lazy.md, "Stripe trees").
+    /// Replaces the sibling exchange when on.
+    pub stripe_trees: bool,
     /// Fetches in flight per layer while following the parent's start order: a child asks
     /// for each block as soon as its parent wants it, instead of when its own container
     /// misses it (docs/lazy.md, "Start order"). 0: do not follow.
@@ -159,6 +164,7 @@ impl Default for LazyConfig {
             prefetch_run_blocks: 2,
             readahead_blocks: 8,
             sibling_exchange: true,
+            stripe_trees: false,
             follow_concurrency: 4,
             memory_cache_bytes: 256 << 20,
             unmount_on_exit: false,

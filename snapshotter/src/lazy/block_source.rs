@@ -54,6 +54,11 @@ pub enum Upstream {
 pub trait UpstreamProvider: Send + Sync {
     /// The upstream to use now.
     fn current(&self) -> Upstream;
+    /// The upstream of the second stripe (odd blocks) in the second stripe tree, if the
+    /// control plane keeps one (docs/lazy.md, "Stripe trees").
+    fn second(&self) -> Option<Upstream> {
+        None
+    }
     /// Tells the control plane that `peer` failed (unreachable, stalled, or served corrupt
     /// data), so that it can assign another parent.
     fn report_failure(&self, peer: SocketAddr);
@@ -143,6 +148,14 @@ fn is_unreachable(e: &LazyError) -> bool {
     }
 }
 
+/// What a peer answers when asked for a block it fetches from the asker: the two views of
+/// the tree disagree for a moment (a swap in a stripe tree), and waiting would deadlock.
+pub const REFUSED_AS_UPSTREAM: &str = "you are my upstream for this block";
+
+fn is_refused_as_upstream(e: &LazyError) -> bool {
+    matches!(e, LazyError::Peer { reason, .. } if reason.contains(REFUSED_AS_UPSTREAM))
+}
+
 /// Checks stored bytes against the block table entry.
 pub fn verify_block(
     layer: &LayerRef,
@@ -190,6 +203,8 @@ pub struct FetchChain {
     avoided: Mutex<HashMap<SocketAddr, Instant>>,
     /// Sibling exchange with the other child of our parent, if enabled.
     siblings: Option<Arc<Siblings>>,
+    /// Odd blocks from the second stripe tree's parent, if enabled.
+    stripes: bool,
 }
 
 impl FetchChain {
@@ -208,7 +223,58 @@ impl FetchChain {
             peers: Mutex::new(HashMap::new()),
             avoided: Mutex::new(HashMap::new()),
             siblings: None,
+            stripes: false,
         }
+    }
+
+    /// Takes odd blocks from the upstream's second stripe tree (see
+    /// [`UpstreamProvider::second`]) instead of the function tree's parent.
+    pub fn with_stripes(mut self) -> Self {
+        self.stripes = true;
+        self
+    }
+
+    /// The upstream that block `index` comes from: the second stripe tree's for an odd
+    /// block when stripes are on and the control plane sent one, else the function tree's.
+    fn upstream_for(&self, index: usize) -> Upstream {
+        if self.stripes && index % 2 == 1 {
+            if let Some(second) = self.upstream.second() {
+                return second;
+            }
+        }
+        self.upstream.current()
+    }
+
+    /// Whether block `index` comes down the second stripe tree.
+    fn from_second_tree(&self, index: usize) -> bool {
+        self.stripes && index % 2 == 1 && self.upstream.second().is_some()
+    }
+
+    /// The peer to ask for block `index` now, if any and not avoided (`None`: the registry).
+    pub fn peer_for(&self, index: usize) -> Option<SocketAddr> {
+        self.unless_avoided(self.upstream_for(index))
+    }
+
+    /// With stripe trees on: whether a request for block `index` from a node at address `ip`
+    /// must be refused because this node fetches that block from `ip` itself (a parent and a
+    /// child that swapped places in a stripe tree see the swap at different moments; serving
+    /// would make each wait for the other). Peers are told apart by IP, one VM per address.
+    pub fn asker_is_my_upstream(&self, index: usize, ip: std::net::IpAddr) -> bool {
+        self.stripes
+            && matches!(self.upstream_for(index), Upstream::Peer { addr, .. } if addr.ip() == ip)
+    }
+
+    /// Whose start order this node follows: the function tree's parent, else (with stripes,
+    /// at the function tree's root) the second stripe tree's parent.
+    pub fn order_source(&self) -> Option<SocketAddr> {
+        self.current_peer()
+            .or_else(|| self.stripes.then(|| self.peer_for(1)).flatten())
+    }
+
+    /// Whether this node reads every block from the registry (the root of every tree it is
+    /// in, or its parents are avoided): it may then coalesce registry requests.
+    pub fn registry_for_all(&self) -> bool {
+        self.peer_for(0).is_none() && (!self.stripes || self.peer_for(1).is_none())
     }
 
     /// Splits blocks with the sibling (see [`super::sibling`]).
@@ -324,9 +390,13 @@ impl FetchChain {
         &self.upstream
     }
 
-    /// The peer to ask now, if any and not avoided.
+    /// The function tree's parent to ask now, if any and not avoided.
     pub fn current_peer(&self) -> Option<SocketAddr> {
-        match self.upstream.current() {
+        self.unless_avoided(self.upstream.current())
+    }
+
+    fn unless_avoided(&self, upstream: Upstream) -> Option<SocketAddr> {
+        match upstream {
             Upstream::Root => None,
             Upstream::Peer { addr, .. } => {
                 let mut avoided = self.avoided.lock().unwrap();
@@ -360,8 +430,8 @@ impl FetchChain {
     ) -> Result<(Bytes, Source)> {
         let span = tracing::debug_span!("fetch_block", layer = %layer.digest, index);
         async move {
-            let wanted_peer = matches!(self.upstream.current(), Upstream::Peer { .. });
-            if let Some(parent) = self.current_peer() {
+            let wanted_peer = matches!(self.upstream_for(index), Upstream::Peer { .. });
+            if let (Some(parent), false) = (self.current_peer(), self.stripes) {
                 if let Some(sibling) = self.sibling_for(parent, index) {
                     if let Some(b) = self
                         .fetch_from_sibling(sibling, parent, layer, index, entry)
@@ -371,15 +441,25 @@ impl FetchChain {
                     }
                 }
             }
-            if let Some(addr) = self.current_peer() {
+            if let Some(addr) = self.peer_for(index) {
                 match self.fetch_from_peer(addr, layer, index, entry).await {
                     Ok(b) => return Ok((b, Source::Peer)),
+                    // The parent refused: it fetches this block from us (views of the tree
+                    // differ for a moment); no fault of the parent.
+                    Err(e) if is_refused_as_upstream(&e) => {
+                        debug!(%addr, index, "parent fetches this block from us; asking the registry")
+                    }
                     Err(e) => {
                         warn!(%addr, error = %e, "peer fetch failed; falling back to the registry");
                         self.avoid_after(addr, &e);
                         // Stale pooled connections to a failed peer are of no use.
                         self.peers.lock().unwrap().remove(&addr);
-                        self.upstream.report_failure(addr);
+                        // The coordinator is told about the function tree's parent (the
+                        // report names it); a failed second-tree parent costs registry
+                        // fetches until its lease ends or the tree changes.
+                        if !self.from_second_tree(index) {
+                            self.upstream.report_failure(addr);
+                        }
                     }
                 }
             }

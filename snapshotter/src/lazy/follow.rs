@@ -114,7 +114,7 @@ pub fn spawn_follow(
                     if store.is_held_or_coming(index) {
                         continue;
                     }
-                    let at_root = store.chain().current_peer().is_none();
+                    let at_root = store.chain().registry_for_all();
                     let result = if at_root && index < profiled {
                         let _one_at_a_time = root_run.lock().await;
                         let max = START_RUN_BLOCKS.min(profiled - index);
@@ -135,7 +135,7 @@ pub fn spawn_follow(
         let subscriptions = async {
             let mut subscriptions = 0;
             while !holds_all(&store) {
-                let Some(parent) = store.chain().current_peer() else {
+                let Some(parent) = store.chain().order_source() else {
                     tokio::time::sleep(RECHECK).await;
                     continue;
                 };
@@ -177,7 +177,7 @@ async fn follow_parent(store: &Arc<BlockStore>, parent: SocketAddr, queue: &Queu
             }
         }
         // Keep-alives come every 500 ms: a change of parent is noticed that soon.
-        if store.chain().current_peer() != Some(parent) || holds_all(store) {
+        if store.chain().order_source() != Some(parent) || holds_all(store) {
             return Ok(());
         }
     }

@@ -153,13 +153,14 @@ impl TreeUpstream {
 
 /// The coordinator's answer as a block-fetch upstream.
 fn to_upstream(answer: &TreeAnswer) -> Upstream {
-    match &answer.source {
+    source_to_upstream(&answer.source, answer.epoch)
+}
+
+fn source_to_upstream(source: &Source, epoch: u64) -> Upstream {
+    match source {
         Source::Registry => Upstream::Root,
         Source::Peer { addr, .. } => match addr.parse() {
-            Ok(addr) => Upstream::Peer {
-                addr,
-                epoch: answer.epoch,
-            },
+            Ok(addr) => Upstream::Peer { addr, epoch },
             // Validated by the coordinator on join; unreachable in practice.
             Err(_) => Upstream::Root,
         },
@@ -172,6 +173,17 @@ impl UpstreamProvider for TreeUpstream {
             return Upstream::Root;
         }
         to_upstream(&self.rx.borrow())
+    }
+
+    fn second(&self) -> Option<Upstream> {
+        if self.membership.lock().expect("membership lock").is_none() {
+            return None;
+        }
+        let answer = self.rx.borrow();
+        answer
+            .second
+            .as_ref()
+            .map(|s| source_to_upstream(s, answer.epoch))
     }
 
     fn report_failure(&self, peer: SocketAddr) {
@@ -211,6 +223,7 @@ mod tests {
         let root = TreeAnswer {
             epoch: 3,
             source: Source::Registry,
+            second: None,
         };
         assert_eq!(to_upstream(&root), Upstream::Root);
         let peer = TreeAnswer {
@@ -219,6 +232,7 @@ mod tests {
                 node_id: "vm2".into(),
                 addr: "10.0.0.2:7800".into(),
             },
+            second: None,
         };
         assert_eq!(
             to_upstream(&peer),

@@ -57,6 +57,8 @@ pub struct LayerOptions {
     pub readahead_blocks: usize,
     /// Whether children of one parent split blocks between them (needs a peer server).
     pub sibling_exchange: bool,
+    /// Whether odd blocks come down the second stripe tree (replaces the sibling exchange).
+    pub stripe_trees: bool,
     /// Fetches in flight per layer following the parent's start order (0: do not follow).
     pub follow_concurrency: usize,
     /// This node's peer address as others reach it; default: `peer_listen` when it is not
@@ -84,6 +86,7 @@ impl Default for LayerOptions {
             fuse_threads: 4,
             readahead_blocks: 8,
             sibling_exchange: true,
+            stripe_trees: false,
             follow_concurrency: 4,
             peer_advertise: None,
             handover_socket: None,
@@ -106,6 +109,7 @@ impl LayerOptions {
             prefetch_run_blocks: lazy.prefetch_run_blocks,
             readahead_blocks: lazy.readahead_blocks,
             sibling_exchange: lazy.sibling_exchange,
+            stripe_trees: lazy.stripe_trees,
             follow_concurrency: lazy.follow_concurrency,
             peer_advertise: lazy.peer_advertise.clone(),
             mem_cache_bytes: lazy.memory_cache_bytes as usize,
@@ -221,7 +225,10 @@ impl LayerManager {
                 .filter(|a| !a.ip().is_unspecified())
                 .map(|a| a.to_string())
         });
-        let siblings = match (&advertise, options.sibling_exchange) {
+        let siblings = match (
+            &advertise,
+            options.sibling_exchange && !options.stripe_trees,
+        ) {
             (Some(me), true) => Some(Siblings::new(me.clone(), options.stall_timeout)),
             _ => None,
         };
@@ -344,6 +351,9 @@ impl LayerManager {
         );
         if let Some(s) = &self.siblings {
             chain = chain.with_siblings(s.clone());
+        }
+        if self.options.stripe_trees {
+            chain = chain.with_stripes();
         }
         let chain = Arc::new(chain);
         let store = BlockStore::new(

@@ -37,6 +37,7 @@ use tokio::{
 use tracing::{debug, info, trace, warn, Instrument};
 
 use super::{
+    block_source::REFUSED_AS_UPSTREAM,
     block_store::{BlockStore, Purpose},
     metrics::LazyMetrics,
     peer_link::{bound_unacked, write_all_progressing},
@@ -363,6 +364,13 @@ async fn serve_requests(stream: &mut TcpStream, child: SocketAddr, shared: &Shar
         // anything else would be asked of the sibling again.
         if req.op.is_from_sibling() && !store.has_block(index) && !store.chain().owns(index) {
             let msg = encode_err(Status::Unavailable, "not in this node's half");
+            write_all_progressing(stream, &msg, WRITE_STALL)
+                .await
+                .map_err(io)?;
+            continue;
+        }
+        if !store.has_block(index) && store.chain().asker_is_my_upstream(index, child.ip()) {
+            let msg = encode_err(Status::Unavailable, REFUSED_AS_UPSTREAM);
             write_all_progressing(stream, &msg, WRITE_STALL)
                 .await
                 .map_err(io)?;

@@ -95,7 +95,7 @@ pub fn spawn_prefetch(
                         continue;
                     }
                     store.gate().wait_quiet(QUIET).await;
-                    let at_root = store.chain().current_peer().is_none();
+                    let at_root = store.chain().registry_for_all();
                     let result = if at_root {
                         store.fetch_run(index, run_blocks, Purpose::Prefetch).await
                     } else {
