@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # hack/bench/startup.sh: the issue-5 benchmark. The same function container started on N VMs
 # at once (N = 1 2 4 8 16 by default), time per VM from the request to the function's first
-# output, in three modes measured in the same run:
+# output, in four modes measured in the same run:
 #   baseline  stock containerd: full pull of the original (gzip) image, overlayfs
 #   ondemand  our snapshotter, every VM reads the registry lazily, no tree
-#   faasnet   our snapshotter with the function tree (coordinator)
+#   faasnet   our snapshotter with the function tree (coordinator) and the sibling exchange
+#   stripes   the same with stripe trees (lazy.stripe_trees): odd blocks down a second tree
 # A benchmark, not a test: it measures and reports, it does not pass or fail on the numbers.
 #
 # Usage:
-#   hack/bench/startup.sh [--ns "1 2 4 8 16"] [--modes "baseline ondemand faasnet"]
+#   hack/bench/startup.sh [--ns "1 2 4 8 16"] [--modes "baseline ondemand faasnet stripes"]
 #                         [--rate 25mbit] [--image realistic] [--out DIR] [--no-doc]
 #                         [--no-profile]
 #
@@ -35,7 +36,7 @@ set -euo pipefail
 # shellcheck source=../lib/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../lib/common.sh"
 
-ns="1 2 4 8 16" modes="baseline ondemand faasnet" rate=25mbit image=realistic out="" doc=1
+ns="1 2 4 8 16" modes="baseline ondemand faasnet stripes" rate=25mbit image=realistic out="" doc=1
 profile=1
 while [[ $# -gt 0 ]]; do
   case "$1" in

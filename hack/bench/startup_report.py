@@ -16,7 +16,10 @@ import statistics
 import subprocess
 import sys
 
-MODES = ["baseline", "ondemand", "faasnet"]
+MODES = ["baseline", "ondemand", "faasnet", "stripes"]
+# Modes with a function tree: the targets apply to each. faasnet: one tree with the sibling
+# exchange; stripes: even blocks down the function tree, odd ones down the second stripe tree.
+TREE_MODES = ["faasnet", "stripes"]
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -48,6 +51,11 @@ def summary(results):
 
 def fmt(x, digits=1):
     return "–" if x is None else f"{x:.{digits}f}"
+
+
+def times(x):
+    """A ratio as `1.23x`, or a dash."""
+    return "–" if x is None else f"{x:.2f}x"
 
 
 def ratio(a, b):
@@ -100,18 +108,20 @@ def report(results):
             add(f"| {m} | {n} | {fmt(x['p50'])} | {fmt(x['max'])} | {x['failed']} | "
                 f"{x['registry_bytes'] / 1e6:.0f} | {cpu} |")
     add("")
-    add("## Ratios (higher is better for faasnet)")
+    trees = [m for m in TREE_MODES if s.get(m)]
+    add("## Ratios (higher is better for the tree)")
     add("")
-    add("| N | baseline/faasnet p50 | baseline/faasnet max | on-demand/faasnet p50 | "
-        "on-demand/faasnet max |")
-    add("|---:|---:|---:|---:|---:|")
-    for n in ns:
-        f = s.get("faasnet", {}).get(n, {})
-        bl = s.get("baseline", {}).get(n, {})
-        od = s.get("ondemand", {}).get(n, {})
-        cells = [ratio(bl.get(k), f.get(k)) for k in ("p50", "max")]
-        cells += [ratio(od.get(k), f.get(k)) for k in ("p50", "max")]
-        add(f"| {n} | " + " | ".join(f"{fmt(c, 2)}x" if c else "–" for c in cells) + " |")
+    add("| tree mode | N | baseline/tree p50 | baseline/tree max | on-demand/tree p50 | "
+        "on-demand/tree max |")
+    add("|---|---:|---:|---:|---:|---:|")
+    for t in trees:
+        for n in ns:
+            f = s[t].get(n, {})
+            bl = s.get("baseline", {}).get(n, {})
+            od = s.get("ondemand", {}).get(n, {})
+            cells = [ratio(bl.get(k), f.get(k)) for k in ("p50", "max")]
+            cells += [ratio(od.get(k), f.get(k)) for k in ("p50", "max")]
+            add(f"| {t} | {n} | " + " | ".join(times(c) for c in cells) + " |")
     add("")
     add("## The tree against its lower bound")
     add("")
@@ -119,38 +129,42 @@ def report(results):
         "block crosses the h levels of the tree one after the other: W/r + h·b/r, plus the "
         "warm start (the container's own start with every block local).")
     add("")
-    add("| N | h | bound (s) | faasnet max (s) | max / bound |")
-    add("|---:|---:|---:|---:|---:|")
-    for n in ns:
-        f = s.get("faasnet", {}).get(n)
-        if not f:
-            continue
-        h = tree_height(n)
-        bound = w / r + h * b / r + warm
-        add(f"| {n} | {h} | {bound:.1f} | {fmt(f['max'])} | {fmt(ratio(f['max'], bound), 2)}x |")
+    add("| tree mode | N | h | bound (s) | max (s) | max / bound |")
+    add("|---|---:|---:|---:|---:|---:|")
+    for t in trees:
+        for n in ns:
+            f = s[t].get(n)
+            if not f:
+                continue
+            h = tree_height(n)
+            bound = w / r + h * b / r + warm
+            add(f"| {t} | {n} | {h} | {bound:.1f} | {fmt(f['max'])} | "
+                f"{times(ratio(f['max'], bound))} |")
     add("")
     add("## Targets")
     add("")
-    big = max(n for n in ns if n in s.get("faasnet", {})) if s.get("faasnet") else None
-    if big:
-        f1 = s["faasnet"].get(1, {}).get("max")
-        fb = s["faasnet"][big]["max"]
+
+    def verdict(x, ok):
+        return "–" if x is None else ("met" if ok(x) else "not met")
+
+    add("| tree mode | target | measured (max start) | verdict |")
+    add("|---|---|---:|---|")
+    for t in trees:
+        big = max(s[t])
+        f1 = s[t].get(1, {}).get("max")
+        fb = s[t][big]["max"]
         flat = ratio(fb, f1)
         bl = ratio(s.get("baseline", {}).get(big, {}).get("max"), fb)
         od = ratio(s.get("ondemand", {}).get(big, {}).get("max"), fb)
         bound = w / r + tree_height(big) * b / r + warm
         lb = ratio(fb, bound)
-
-        def verdict(x, ok):
-            return "–" if x is None else ("met" if ok(x) else "not met")
-
-        add("| target | measured (max start) | verdict |")
-        add("|---|---:|---|")
-        add(f"| faasnet at N={big} within 1.3x of N=1 | {fmt(flat, 2)}x | "
+        add(f"| {t} | at N={big} within 1.3x of N=1 | {times(flat)} | "
             f"{verdict(flat, lambda x: x <= 1.3)} |")
-        add(f"| baseline/faasnet at N={big} ≥ 10x | {fmt(bl, 2)}x | {verdict(bl, lambda x: x >= 10)} |")
-        add(f"| on-demand/faasnet at N={big} ≥ 2x | {fmt(od, 2)}x | {verdict(od, lambda x: x >= 2)} |")
-        add(f"| faasnet within 1.5x of the lower bound at N={big} | {fmt(lb, 2)}x | "
+        add(f"| {t} | baseline/tree at N={big} ≥ 10x | {times(bl)} | "
+            f"{verdict(bl, lambda x: x >= 10)} |")
+        add(f"| {t} | on-demand/tree at N={big} ≥ 2x | {times(od)} | "
+            f"{verdict(od, lambda x: x >= 2)} |")
+        add(f"| {t} | within 1.5x of the lower bound at N={big} | {times(lb)} | "
             f"{verdict(lb, lambda x: x <= 1.5)} |")
     add("")
     add("## Per VM")
