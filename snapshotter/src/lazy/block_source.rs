@@ -569,6 +569,91 @@ impl FetchChain {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lazy::registry_source::RegistryOptions;
+
+    /// A control plane with a fixed parent in each stripe tree.
+    struct TwoTrees {
+        first: Upstream,
+        second: Option<Upstream>,
+    }
+
+    impl UpstreamProvider for TwoTrees {
+        fn current(&self) -> Upstream {
+            self.first
+        }
+        fn second(&self) -> Option<Upstream> {
+            self.second
+        }
+        fn report_failure(&self, _peer: SocketAddr) {}
+    }
+
+    fn chain(first: Upstream, second: Option<Upstream>, stripes: bool) -> FetchChain {
+        let registry = RegistrySource::new(RegistryOptions {
+            insecure_registries: vec![],
+            timeout: None,
+        })
+        .unwrap();
+        let c = FetchChain::new(
+            Arc::new(registry),
+            Arc::new(TwoTrees { first, second }),
+            ChainOptions::default(),
+            Arc::new(LazyMetrics::default()),
+        );
+        if stripes {
+            c.with_stripes()
+        } else {
+            c
+        }
+    }
+
+    fn peer(addr: &str) -> Upstream {
+        Upstream::Peer {
+            addr: addr.parse().unwrap(),
+            epoch: 1,
+        }
+    }
+
+    #[test]
+    fn stripes_route_odd_blocks_to_the_second_tree() {
+        let (a, b) = ("10.0.0.1:9112", "10.0.0.2:9112");
+        let c = chain(peer(a), Some(peer(b)), true);
+        assert_eq!(c.peer_for(0), Some(a.parse().unwrap()));
+        assert_eq!(c.peer_for(7), Some(b.parse().unwrap()));
+        assert!(!c.registry_for_all());
+        // The root of the second tree reads odd blocks from the registry, even ones from
+        // its parent in the function tree, and follows that parent's start order.
+        let c = chain(peer(a), Some(Upstream::Root), true);
+        assert_eq!(c.peer_for(1), None);
+        assert_eq!(c.peer_for(2), Some(a.parse().unwrap()));
+        assert_eq!(c.order_source(), Some(a.parse().unwrap()));
+        // The function tree's root follows its second-tree parent.
+        let c = chain(Upstream::Root, Some(peer(b)), true);
+        assert_eq!(c.order_source(), Some(b.parse().unwrap()));
+        assert!(!c.registry_for_all());
+        // Root of both: everything from the registry, in coalesced runs.
+        assert!(chain(Upstream::Root, Some(Upstream::Root), true).registry_for_all());
+    }
+
+    #[test]
+    fn without_stripes_or_a_second_tree_every_block_comes_from_the_parent() {
+        let (a, b) = ("10.0.0.1:9112", "10.0.0.2:9112");
+        let off = chain(peer(a), Some(peer(b)), false);
+        let old_coordinator = chain(peer(a), None, true);
+        for c in [off, old_coordinator] {
+            assert_eq!(c.peer_for(1), Some(a.parse().unwrap()));
+            assert_eq!(c.order_source(), Some(a.parse().unwrap()));
+        }
+    }
+
+    #[test]
+    fn a_request_from_my_stripe_parent_is_refused_only_with_stripes() {
+        let (a, b) = ("10.0.0.1:9112", "10.0.0.2:9112");
+        let c = chain(peer(a), Some(peer(b)), true);
+        let ip_b = "10.0.0.2".parse().unwrap();
+        assert!(c.asker_is_my_upstream(3, ip_b), "odd block: b is my upstream");
+        assert!(!c.asker_is_my_upstream(4, ip_b), "even block: a is");
+        assert!(!chain(peer(a), Some(peer(b)), false).asker_is_my_upstream(3, ip_b));
+    }
 
     #[test]
     fn unreachable_peers_are_told_apart_from_answers() {
