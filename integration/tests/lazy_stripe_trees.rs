@@ -127,7 +127,9 @@ fn stripes() -> anyhow::Result<()> {
          the {total}"
     );
     ensure!(
-        metrics.iter().all(|m| m.lazy_counter("sibling_blocks") == 0),
+        metrics
+            .iter()
+            .all(|m| m.lazy_counter("sibling_blocks") == 0),
         "stripe trees replace the sibling exchange, yet blocks came from siblings"
     );
     let most = *served.iter().max().unwrap_or(&0);

@@ -246,7 +246,7 @@ impl FetchChain {
     }
 
     /// Whether block `index` comes down the second stripe tree.
-    fn from_second_tree(&self, index: usize) -> bool {
+    fn comes_down_second_tree(&self, index: usize) -> bool {
         self.stripes && index % 2 == 1 && self.upstream.second().is_some()
     }
 
@@ -457,7 +457,7 @@ impl FetchChain {
                         // The coordinator is told about the function tree's parent (the
                         // report names it); a failed second-tree parent costs registry
                         // fetches until its lease ends or the tree changes.
-                        if !self.from_second_tree(index) {
+                        if !self.comes_down_second_tree(index) {
                             self.upstream.report_failure(addr);
                         }
                     }
@@ -650,7 +650,10 @@ mod tests {
         let (a, b) = ("10.0.0.1:9112", "10.0.0.2:9112");
         let c = chain(peer(a), Some(peer(b)), true);
         let ip_b = "10.0.0.2".parse().unwrap();
-        assert!(c.asker_is_my_upstream(3, ip_b), "odd block: b is my upstream");
+        assert!(
+            c.asker_is_my_upstream(3, ip_b),
+            "odd block: b is my upstream"
+        );
         assert!(!c.asker_is_my_upstream(4, ip_b), "even block: a is");
         assert!(!chain(peer(a), Some(peer(b)), false).asker_is_my_upstream(3, ip_b));
     }
