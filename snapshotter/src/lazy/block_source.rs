@@ -283,6 +283,23 @@ impl FetchChain {
         self
     }
 
+    /// With stripe trees on: the parent in the tree that block `index` does not come down,
+    /// if it is a peer, not avoided and not the one asked first (the last resort when the
+    /// registry fails).
+    fn other_tree_peer(&self, index: usize) -> Option<SocketAddr> {
+        if !self.stripes {
+            return None;
+        }
+        let second = self.upstream.second()?;
+        let other = if index % 2 == 1 {
+            self.upstream.current()
+        } else {
+            second
+        };
+        let addr = self.unless_avoided(other)?;
+        (Some(addr) != self.peer_for(index)).then_some(addr)
+    }
+
     /// Whether this node fetches block `index` from its own upstream (the parent, or the
     /// registry at the root), rather than from its sibling.
     pub fn owns(&self, index: usize) -> bool {
@@ -466,8 +483,24 @@ impl FetchChain {
             if wanted_peer {
                 self.metrics.peer_fallbacks.inc();
             }
-            let b = self.fetch_from_registry(layer, index, entry).await?;
-            Ok((b, Source::Registry))
+            let registry_error = match self.fetch_from_registry(layer, index, entry).await {
+                Ok(b) => return Ok((b, Source::Registry)),
+                Err(e) => e,
+            };
+            // With stripe trees, the other tree's parent may hold the block (or get it from
+            // its own upstream) while the registry is down: a start must not need the
+            // registry for blocks the tree already has.
+            if let Some(addr) = self.other_tree_peer(index) {
+                warn!(%addr, index, error = %registry_error, "registry fetch failed; asking the other stripe tree's parent");
+                match self.fetch_from_peer(addr, layer, index, entry).await {
+                    Ok(b) => return Ok((b, Source::Peer)),
+                    Err(e) => {
+                        debug!(%addr, index, error = %e, "other stripe tree's parent failed too");
+                        self.avoid_after(addr, &e);
+                    }
+                }
+            }
+            Err(registry_error)
         }
         .instrument(span)
         .await
@@ -656,6 +689,29 @@ mod tests {
         );
         assert!(!c.asker_is_my_upstream(4, ip_b), "even block: a is");
         assert!(!chain(peer(a), Some(peer(b)), false).asker_is_my_upstream(3, ip_b));
+    }
+
+    #[test]
+    fn when_the_registry_fails_the_other_trees_parent_is_the_last_resort() {
+        let (a, b) = ("10.0.0.1:9112", "10.0.0.2:9112");
+        // Root of the second tree: odd blocks from the registry, else the function tree's
+        // parent; even blocks from that parent, with no second peer to turn to.
+        let c = chain(peer(a), Some(Upstream::Root), true);
+        assert_eq!(c.other_tree_peer(1), Some(a.parse().unwrap()));
+        assert_eq!(c.other_tree_peer(2), None);
+        // Root of the function tree: even blocks fall back to the second-tree parent.
+        let c = chain(Upstream::Root, Some(peer(b)), true);
+        assert_eq!(c.other_tree_peer(2), Some(b.parse().unwrap()));
+        assert_eq!(c.other_tree_peer(1), None);
+        // Both parents are peers: each is the other's stand-in.
+        let c = chain(peer(a), Some(peer(b)), true);
+        assert_eq!(c.other_tree_peer(1), Some(a.parse().unwrap()));
+        assert_eq!(c.other_tree_peer(2), Some(b.parse().unwrap()));
+        // Without stripes there is one tree.
+        assert_eq!(
+            chain(Upstream::Root, Some(peer(b)), false).other_tree_peer(2),
+            None
+        );
     }
 
     #[test]
