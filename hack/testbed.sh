@@ -3,9 +3,9 @@
 # containerd and FaaSNet snapshotter, a registry in its own namespace, and the coordinator.
 #
 # Usage:
-#   hack/testbed.sh up N [--rate 100mbit] [--registry-rate 400mbit] [--mode faasnet|stripes|ondemand]
+#   hack/testbed.sh up N [--rate 100mbit] [--registry-rate 400mbit] [--mode stripes|faasnet|ondemand]
 #                        [--profile release|debug] [--no-prefetch] [--no-sibling]
-#   hack/testbed.sh reset [--mode faasnet|stripes|ondemand] [--no-prefetch] [--no-sibling]
+#   hack/testbed.sh reset [--mode stripes|faasnet|ondemand] [--no-prefetch] [--no-sibling]
 #                                        # every VM and the coordinator restarted with empty state
 #                                        # (caches, images, trees); the registry keeps its images
 #   hack/testbed.sh status               # what runs, the trees, each VM's block sources
@@ -29,8 +29,9 @@
 # Processes join only the network namespace (nsenter --net), so FUSE mounts stay visible to
 # the VM's containerd.
 #
-# Modes: faasnet = the function tree (coordinator); stripes = the same with stripe trees (odd
-# blocks down the coordinator's second tree, no sibling exchange); ondemand = lazy loading,
+# Modes: stripes (default, as the snapshotter's own default) = the function tree
+# (coordinator) with stripe trees (odd blocks down the coordinator's second tree); faasnet =
+# the function tree alone, with the sibling exchange; ondemand = lazy loading,
 # every VM reads the registry (no tree). The baseline (stock containerd, overlayfs, full pull) runs in either mode:
 # `run --baseline` with the original image.
 # State: /var/lib/faasnet-testbed (roots), /run/faasnet-testbed (sockets, logs, pids).
@@ -207,7 +208,7 @@ wait_vms() {
 }
 
 cmd_up() {
-  local n="${1:-}" rate=100mbit reg_rate=400mbit mode=faasnet profile=release prefetch=true
+  local n="${1:-}" rate=100mbit reg_rate=400mbit mode=stripes profile=release prefetch=true
   local sibling=true i
   [[ "$n" =~ ^[0-9]+$ && "$n" -ge 1 && "$n" -le 64 ]] || die "up: N must be 1..64"
   shift

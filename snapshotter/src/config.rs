@@ -164,7 +164,7 @@ impl Default for LazyConfig {
             prefetch_run_blocks: 2,
             readahead_blocks: 8,
             sibling_exchange: true,
-            stripe_trees: false,
+            stripe_trees: true,
             follow_concurrency: 4,
             memory_cache_bytes: 256 << 20,
             unmount_on_exit: false,

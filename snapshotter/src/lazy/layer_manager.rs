@@ -86,7 +86,7 @@ impl Default for LayerOptions {
             fuse_threads: 4,
             readahead_blocks: 8,
             sibling_exchange: true,
-            stripe_trees: false,
+            stripe_trees: true,
             follow_concurrency: 4,
             peer_advertise: None,
             handover_socket: None,
