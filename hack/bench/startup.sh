@@ -83,6 +83,23 @@ measure_w() {
 }
 cache0="${TB_STATE}/vm0/snapshotter/cache"
 
+# wait_quiet "0 1 ...": until the VMs' links have received under 64 KiB in 3 s (background
+# prefetch done), at most 180 s.
+wait_quiet() {
+  local i total last=-1 waited=0
+  while ((waited < 180)); do
+    total=0
+    for i in $1; do
+      total=$((total + $(ip netns exec "fntb-vm${i}" cat /sys/class/net/eth0/statistics/rx_bytes)))
+    done
+    ((last >= 0 && total - last < 65536)) && return 0
+    last=$total
+    sleep 3
+    waited=$((waited + 3))
+  done
+  log "warning: the VMs' links were still busy after 180 s"
+}
+
 if [[ "$profile" == 1 ]]; then
   # The plain conversion's cold start gives the start profile: the files it read, per layer.
   measure_w "$converted" -plain
@@ -119,6 +136,8 @@ for mode in $modes; do
       "$tb" status >"${out}/runs/${mode}-${n}.status" 2>&1 || true
       # The same N VMs start the function again with every block cached: what N starts at
       # once cost this machine's CPUs with no network in the way (the report's CPU floor).
+      # First the cold run's background prefetch must end, or it shares the CPUs.
+      wait_quiet "$vms"
       "$tb" run "$converted" --vms "$vms" --json "${out}/runs/${mode}-${n}-warm.json" || true
     fi
   done
