@@ -11,13 +11,15 @@
 # Usage:
 #   hack/bench/startup.sh [--ns "1 2 4 8 16"] [--modes "baseline ondemand faasnet stripes"]
 #                         [--rate 25mbit] [--image realistic] [--out DIR] [--no-doc]
-#                         [--no-profile]
+#                         [--no-profile] [--no-prefetch]
 #
 #   Deploy-time start profile (default): the image is converted, started once on vm0 (the W
 #   run below), and converted again with the files that start read laid out first
 #   (image-converter convert --start-profile); the lazy modes run that conversion. The
 #   baseline pulls the original image either way. --no-profile: the plain conversion only.
 #
+#   --no-prefetch  the lazy modes' runs without background prefetch (only blocks a start
+#              reads move; to tell prefetch traffic apart from the tree's own delays)
 #   --rate R   every VM link, both directions (tc tbf); the registry's egress is 4x R, as the
 #              issue asks ("set the registry's egress to 4 VM links")
 #   --out DIR  where results go (default bench-out/startup-<time>); results.json there holds
@@ -39,7 +41,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../lib/common.sh"
 
 ns="1 2 4 8 16" modes="baseline ondemand faasnet stripes" rate=25mbit image=realistic out="" doc=1
-profile=1
+profile=1 reset_opts=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --ns) ns="$2"; shift 2 ;;
@@ -49,6 +51,7 @@ while [[ $# -gt 0 ]]; do
     --out) out="$2"; shift 2 ;;
     --no-doc) doc=0; shift ;;
     --no-profile) profile=0; shift ;;
+    --no-prefetch) reset_opts="--no-prefetch"; shift ;;
     *) sed -n '2,/^set -euo/p' "$0" | sed -e '/^set -euo/d' -e 's/^# \{0,1\}//'; exit 2 ;;
   esac
 done
@@ -123,7 +126,8 @@ for mode in $modes; do
   for n in $ns; do
     case "$mode" in
       baseline) "$tb" reset --mode ondemand ;;
-      *) "$tb" reset --mode "$mode" ;;
+      # shellcheck disable=SC2086 # reset_opts is empty or one flag
+      *) "$tb" reset --mode "$mode" ${reset_opts} ;;
     esac
     vms="$(seq -s ' ' 0 $((n - 1)))"
     log "mode ${mode}, N=${n}"
