@@ -147,6 +147,19 @@ for mode in $modes; do
   done
 done
 
+# run_list SUFFIX: the runs/<mode>-<n>SUFFIX.json files measured, as JSON array items.
+run_list() {
+  local mode n f sep=""
+  for mode in $modes; do
+    for n in $ns; do
+      f="${out}/runs/${mode}-${n}$1.json"
+      [[ -s "$f" ]] || continue
+      printf '%s\n  %s' "$sep" "$(cat "$f")"
+      sep=","
+    done
+  done
+}
+
 # Everything in one file: parameters, W, warm start, every run.
 {
   printf '{"params": {"vm_link_bps": %d, "registry_egress_bps": %d, "block_size": 524288, "image": "%s", "original": "%s", "converted": "%s", "cpus": %d, "date": "%s"},\n' \
@@ -158,27 +171,7 @@ done
       "$(cat "${out}/runs/w-cold-plain.json")" "$(cat "${out}/runs/w-warm-plain.json")" \
       "$(wc -l <"${out}/start-profile.txt")"
   fi
-  printf ' "runs": ['
-  sep=""
-  for mode in $modes; do
-    for n in $ns; do
-      f="${out}/runs/${mode}-${n}.json"
-      [[ -s "$f" ]] || continue
-      printf '%s\n  %s' "$sep" "$(cat "$f")"
-      sep=","
-    done
-  done
-  printf '],\n "warm_runs": ['
-  sep=""
-  for mode in $modes; do
-    for n in $ns; do
-      f="${out}/runs/${mode}-${n}-warm.json"
-      [[ -s "$f" ]] || continue
-      printf '%s\n  %s' "$sep" "$(cat "$f")"
-      sep=","
-    done
-  done
-  printf ']}\n'
+  printf ' "runs": [%s],\n "warm_runs": [%s]}\n' "$(run_list "")" "$(run_list -warm)"
 } >"${out}/results.json"
 log "results: ${out}/results.json"
 

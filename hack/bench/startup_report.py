@@ -154,9 +154,10 @@ def report(results):
             if not f:
                 continue
             h = tree_height(n)
-            bound = w / r + h * b / r + warm
+            transfer = w / r + h * b / r
+            bound = transfer + warm
             wn = warm_n.get((t, n))
-            bound_n = None if wn is None else w / r + h * b / r + wn
+            bound_n = None if wn is None else transfer + wn
             add(f"| {t} | {n} | {h} | {bound:.1f} | {fmt(f['max'])} | "
                 f"{times(ratio(f['max'], bound))} | {fmt(wn, 2)} | {fmt(bound_n)} | "
                 f"{times(ratio(f['max'], bound_n))} |")
