@@ -24,7 +24,10 @@ pub mod writer;
 pub use block::{decode_block, decode_frame, encode_block, EncodedBlock};
 pub use error::{FormatError, Result};
 pub use footer::{Footer, FOOTER_SIZE};
-pub use reader::{decode_stream, parse_tail, parse_toc_frame, TailParse, DEFAULT_TAIL_FETCH};
+pub use reader::{
+    decode_stream, parse_tail, parse_toc_frame, parse_toc_parts, toc_head_range, TailParse,
+    DEFAULT_TAIL_FETCH,
+};
 pub use toc::{BlockEntry, EntryChecker, EntryKind, OriginalLayer, Toc, TocEntry};
 pub use writer::{convert_layer, encode_tail, ConvertOptions, ConvertedLayer};
 

@@ -2,8 +2,8 @@
 //! describes every entry.
 
 use faasnet_format::{
-    convert_layer, decode_block, decode_stream, parse_tail, parse_toc_frame, ConvertOptions,
-    EntryKind, FormatError, TailParse, Toc,
+    convert_layer, decode_block, decode_stream, parse_tail, parse_toc_frame, parse_toc_parts,
+    toc_head_range, ConvertOptions, EntryKind, FormatError, TailParse, Toc,
 };
 use proptest::prelude::*;
 
@@ -149,6 +149,33 @@ fn tail_parse_with_small_and_full_tail() {
             assert_eq!(parse_toc_frame(frame, &f).unwrap(), layer.toc);
         }
         TailParse::Complete(..) => panic!("100 bytes cannot hold the TOC"),
+    }
+}
+
+#[test]
+fn a_toc_split_between_tail_and_head_is_joined_for_every_tail_length() {
+    let tar = tricky_tar(64 * 1024);
+    let (blob, layer) = convert(&tar, 64 * 1024);
+    let size = blob.len() as u64;
+    let footer = match parse_tail(&blob[blob.len() - 100..], size).unwrap() {
+        TailParse::NeedToc(f) => f,
+        TailParse::Complete(..) => panic!("100 bytes cannot hold the TOC"),
+    };
+    // Tails from the footer alone to one byte short of the whole TOC frame.
+    let whole = (footer.toc_length + (size - footer.toc_offset - footer.toc_length)) as usize;
+    for tail_len in (72..whole).step_by(97).chain([whole - 1]) {
+        let tail = &blob[blob.len() - tail_len..];
+        let TailParse::NeedToc(f) = parse_tail(tail, size).unwrap() else {
+            panic!("a tail of {tail_len} bytes cannot hold the TOC");
+        };
+        let (offset, len) = toc_head_range(&f, size, tail_len as u64);
+        assert_eq!(offset, f.toc_offset);
+        // Nothing fetched twice: the head ends where the tail starts.
+        assert_eq!(offset + len, size - tail_len as u64);
+        let head = &blob[offset as usize..(offset + len) as usize];
+        assert_eq!(parse_toc_parts(head, tail, &f, size).unwrap(), layer.toc);
+        // A head of the wrong length is refused, not misparsed.
+        assert!(parse_toc_parts(&head[1..], tail, &f, size).is_err());
     }
 }
 

@@ -9,7 +9,8 @@ use std::{collections::HashMap, sync::Mutex, time::Duration};
 use async_trait::async_trait;
 use bytes::Bytes;
 use faasnet_format::{
-    parse_tail, parse_toc_frame, BlockEntry, Footer, TailParse, Toc, DEFAULT_TAIL_FETCH,
+    parse_tail, parse_toc_parts, toc_head_range, BlockEntry, Footer, TailParse, Toc,
+    DEFAULT_TAIL_FETCH,
 };
 use reqwest::{header, Method, StatusCode};
 use tracing::debug;
@@ -289,9 +290,9 @@ impl RegistrySource {
         Ok(body)
     }
 
-    /// Fetches and parses the TOC from the blob's tail: one range request for most layers, two
-    /// when the TOC is larger than [`DEFAULT_TAIL_FETCH`] (plus a HEAD when the size is
-    /// unknown). A blob that is not in our format fails with a footer error
+    /// Fetches and parses the TOC from the blob's tail: one range request for a small layer,
+    /// two when the TOC is larger than [`DEFAULT_TAIL_FETCH`], the second for exactly the
+    /// part of it the tail lacks (plus a HEAD when the size is unknown). A blob that is not in our format fails with a footer error
     /// ([`LazyError::is_not_our_format`]).
     pub async fn fetch_toc(&self, layer: &LayerRef, blob_size: Option<u64>) -> Result<FetchedToc> {
         let blob_size = match blob_size {
@@ -306,11 +307,11 @@ impl RegistrySource {
         let (toc, footer) = match parsed {
             TailParse::Complete(toc, footer) => (*toc, footer),
             TailParse::NeedToc(footer) => {
-                let frame = self
-                    .fetch_range(layer, footer.toc_offset, footer.toc_length)
-                    .await?;
-                let toc =
-                    parse_toc_frame(&frame, &footer).map_err(|e| LazyError::format(layer, e))?;
+                // Only the part of the TOC frame the tail does not hold.
+                let (offset, len) = toc_head_range(&footer, blob_size, tail_len);
+                let head = self.fetch_range(layer, offset, len).await?;
+                let toc = parse_toc_parts(&head, &tail, &footer, blob_size)
+                    .map_err(|e| LazyError::format(layer, e))?;
                 (toc, footer)
             }
         };
