@@ -743,14 +743,21 @@ impl TreeMembership {
     /// If [`Advice::upstream`] is still the failed node, try [`Advice::fallbacks`] in
     /// order, then the registry.
     pub async fn report_bad_upstream(&self) -> Result<Advice, ClientError> {
-        let m = &self.member;
         let bad = match &self.upstream().source {
             Source::Peer { node_id, .. } => node_id.clone(),
             Source::Registry => String::new(),
         };
+        self.report_bad_node(&bad).await
+    }
+
+    /// Like [`Self::report_bad_upstream`] for any node this one fetches from, by id: with
+    /// stripe trees, the parent in the second tree ([`Upstream::second`]). The coordinator
+    /// checks that node's health and repairs both trees if it is gone.
+    pub async fn report_bad_node(&self, bad_node_id: &str) -> Result<Advice, ClientError> {
+        let m = &self.member;
         let advice = m
             .client
-            .report_bad_upstream(&m.function, &m.node_id, &bad)
+            .report_bad_upstream(&m.function, &m.node_id, bad_node_id)
             .await?;
         m.publish(advice.upstream.clone(), false);
         Ok(advice)

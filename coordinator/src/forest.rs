@@ -633,16 +633,30 @@ impl Forest {
         e.tree.get(node_id).map(|i| (i.addr.clone(), i.generation))
     }
 
-    /// True if `ancestor` is above `node_id` in the tree (its parent, grandparent...).
+    /// True if `ancestor` is above `node_id` in the function tree (its parent, grandparent...)
+    /// or in the second stripe tree.
     pub fn is_ancestor(&self, key: &TreeKey, node_id: &str, ancestor: &str) -> bool {
         let Some(entry) = self.entry(key) else {
             return false;
         };
         let e = entry.lock().unwrap();
-        e.tree
+        if e.tree
             .ancestors(node_id)
             .iter()
             .any(|(id, _)| *id == ancestor)
+        {
+            return true;
+        }
+        // Or in the second stripe tree, which a node fetches its odd blocks down.
+        let mut current = node_id;
+        for _ in 0..e.stripes.len() {
+            match e.stripes.parent(current) {
+                Some(Some(parent)) if parent == ancestor => return true,
+                Some(Some(parent)) => current = parent,
+                _ => break,
+            }
+        }
+        false
     }
 
     /// True if someone watches the node's upstream now (its membership is connected).

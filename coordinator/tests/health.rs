@@ -110,6 +110,55 @@ async fn a_reported_dead_parent_is_removed_and_its_children_told() {
 }
 
 #[tokio::test]
+async fn a_reported_dead_parent_in_the_second_stripe_tree_is_removed() {
+    let s = server(1000).await;
+    let (c, admin) = s.clients().await;
+    let ids = ["a", "b", "c", "d", "e", "f", "g"];
+    let mut vms: Vec<_> = (0..ids.len()).map(|_| Some(vm())).collect();
+    for (id, v) in ids.iter().zip(&vms) {
+        c.join(F1, id, &v.as_ref().unwrap().1).await.unwrap();
+    }
+    // A node whose second-tree parent is no ancestor of it in the function tree: only the
+    // second tree makes the report credible.
+    let tree = nodes(&admin).await;
+    let first_ancestors = |id: &str| {
+        let mut up: Vec<String> = Vec::new();
+        let mut id = id.to_string();
+        while let Some((_, p)) = tree.iter().find(|(n, p)| *n == id && !p.is_empty()) {
+            up.push(p.clone());
+            id = p.clone();
+        }
+        up
+    };
+    let mut pair = None;
+    for id in ids {
+        let up = c.upstream(F1, id).await.unwrap();
+        if let Some(Source::Peer { node_id, .. }) = &up.second {
+            if !first_ancestors(id).contains(node_id) {
+                pair = Some((id, node_id.clone()));
+                break;
+            }
+        }
+    }
+    let (reporter, bad) = pair.expect("some node's second parent is outside its ancestry");
+    let bad_index = ids.iter().position(|id| *id == bad).unwrap();
+    drop(vms[bad_index].take());
+    c.report_bad_upstream(F1, reporter, &bad).await.unwrap();
+    let tree = nodes(&admin).await;
+    assert!(
+        !tree.iter().any(|(id, _)| *id == bad),
+        "{reporter} reported its dead second parent {bad}, still in {tree:?}"
+    );
+    assert_eq!(tree.len(), ids.len() - 1);
+    // Its place in the second tree went to a live node.
+    let up = c.upstream(F1, reporter).await.unwrap();
+    assert!(
+        !matches!(&up.second, Some(Source::Peer { node_id, .. }) if *node_id == bad),
+        "{up:?}"
+    );
+}
+
+#[tokio::test]
 async fn reports_cannot_evict_healthy_nodes_or_strangers() {
     let s = server(1000).await;
     let (c, admin) = s.clients().await;

@@ -245,11 +245,6 @@ impl FetchChain {
         self.upstream.current()
     }
 
-    /// Whether block `index` comes down the second stripe tree.
-    fn comes_down_second_tree(&self, index: usize) -> bool {
-        self.stripes && index % 2 == 1 && self.upstream.second().is_some()
-    }
-
     /// The peer to ask for block `index` now, if any and not avoided (`None`: the registry).
     pub fn peer_for(&self, index: usize) -> Option<SocketAddr> {
         self.unless_avoided(self.upstream_for(index))
@@ -471,12 +466,9 @@ impl FetchChain {
                         self.avoid_after(addr, &e);
                         // Stale pooled connections to a failed peer are of no use.
                         self.peers.lock().unwrap().remove(&addr);
-                        // The coordinator is told about the function tree's parent (the
-                        // report names it); a failed second-tree parent costs registry
-                        // fetches until its lease ends or the tree changes.
-                        if !self.comes_down_second_tree(index) {
-                            self.upstream.report_failure(addr);
-                        }
+                        // The coordinator checks the parent (of either stripe tree) and
+                        // repairs the trees if it is gone.
+                        self.upstream.report_failure(addr);
                     }
                 }
             }

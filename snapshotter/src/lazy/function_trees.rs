@@ -190,20 +190,20 @@ impl UpstreamProvider for TreeUpstream {
         let Some(m) = self.membership.lock().expect("membership lock").clone() else {
             return;
         };
-        // Only the current parent is reported (the report names it): if the coordinator
-        // already moved us elsewhere, the failure is old news.
-        if !matches!(to_upstream(&self.rx.borrow()), Upstream::Peer { addr, .. } if addr == peer) {
+        // Only a current parent is reported, in either stripe tree (the report names it by
+        // id): if the coordinator already moved us elsewhere, the failure is old news.
+        let Some(bad_node_id) = parent_id(&self.rx.borrow(), peer) else {
             return;
-        }
+        };
         if self.reporting.swap(true, Ordering::AcqRel) {
             return;
         }
         let reporting = self.reporting.clone();
         let function = self.function.clone();
         tokio::spawn(async move {
-            match m.report_bad_upstream().await {
+            match m.report_bad_node(&bad_node_id).await {
                 Ok(advice) => {
-                    info!(%function, %peer, upstream = %advice.upstream, "reported failed upstream")
+                    info!(%function, %peer, bad = %bad_node_id, upstream = %advice.upstream, "reported failed upstream")
                 }
                 Err(e) => {
                     warn!(%function, %peer, error = %e, "could not report failed upstream; keeping registry fallback")
@@ -214,9 +214,43 @@ impl UpstreamProvider for TreeUpstream {
     }
 }
 
+/// The node id of the parent at `peer` in either stripe tree of `answer`, if it is one.
+fn parent_id(answer: &TreeAnswer, peer: SocketAddr) -> Option<String> {
+    [Some(&answer.source), answer.second.as_ref()]
+        .into_iter()
+        .flatten()
+        .find_map(|source| match source {
+            Source::Peer { node_id, addr } if addr.parse() == Ok(peer) => Some(node_id.clone()),
+            _ => None,
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_peer_is_named_in_either_stripe_tree() {
+        let peer = |id: &str, addr: &str| Source::Peer {
+            node_id: id.into(),
+            addr: addr.into(),
+        };
+        let answer = TreeAnswer {
+            epoch: 4,
+            source: peer("vm1", "10.0.0.1:7800"),
+            second: Some(peer("vm5", "10.0.0.5:7800")),
+        };
+        let named = |addr: &str| parent_id(&answer, addr.parse().unwrap());
+        assert_eq!(named("10.0.0.1:7800").as_deref(), Some("vm1"));
+        assert_eq!(named("10.0.0.5:7800").as_deref(), Some("vm5"));
+        assert_eq!(named("10.0.0.9:7800"), None, "not a parent: old news");
+        let root = TreeAnswer {
+            epoch: 4,
+            source: Source::Registry,
+            second: None,
+        };
+        assert_eq!(parent_id(&root, "10.0.0.1:7800".parse().unwrap()), None);
+    }
 
     #[test]
     fn answers_map_to_upstreams() {
