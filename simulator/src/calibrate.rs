@@ -46,11 +46,63 @@ pub struct MeasuredParams {
     pub cpus: Option<usize>,
 }
 
+/// The mode of a measured run: the model's three, and `stripes`, the function tree with the
+/// snapshotter's stripe trees (`lazy.stripe_trees`), which the model runs as
+/// [`Mode::Faasnet`] with [`crate::model::Params::stripe_trees`] on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MeasuredMode {
+    /// Full pull.
+    Baseline,
+    /// Lazy reads from the registry, no tree.
+    #[serde(alias = "on-demand")]
+    Ondemand,
+    /// The function tree with the sibling exchange.
+    Faasnet,
+    /// The function tree with stripe trees.
+    Stripes,
+}
+
+impl MeasuredMode {
+    /// The model's mode for it.
+    pub fn model(self) -> Mode {
+        match self {
+            MeasuredMode::Baseline => Mode::Baseline,
+            MeasuredMode::Ondemand => Mode::Ondemand,
+            MeasuredMode::Faasnet | MeasuredMode::Stripes => Mode::Faasnet,
+        }
+    }
+
+    /// Whether the model runs it with stripe trees.
+    pub fn stripes(self) -> bool {
+        self == MeasuredMode::Stripes
+    }
+}
+
+impl From<Mode> for MeasuredMode {
+    fn from(m: Mode) -> Self {
+        match m {
+            Mode::Baseline => MeasuredMode::Baseline,
+            Mode::Ondemand => MeasuredMode::Ondemand,
+            Mode::Faasnet => MeasuredMode::Faasnet,
+        }
+    }
+}
+
+impl std::fmt::Display for MeasuredMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MeasuredMode::Stripes => f.write_str("stripes"),
+            m => write!(f, "{}", m.model()),
+        }
+    }
+}
+
 /// One measured run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MeasuredRun {
-    /// `baseline`, `ondemand` or `faasnet`.
-    pub mode: Mode,
+    /// `baseline`, `ondemand`, `faasnet` or `stripes`.
+    pub mode: MeasuredMode,
     /// VMs started at once.
     pub n: usize,
     /// Bytes the registry sent during the run (its own counter, TOCs and manifests
@@ -148,7 +200,7 @@ pub struct Fit {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Row {
     /// Mode.
-    pub mode: Mode,
+    pub mode: MeasuredMode,
     /// VMs.
     pub n: usize,
     /// Measured median start, s.
@@ -302,7 +354,7 @@ pub fn calibrate(
         measured
             .runs
             .iter()
-            .filter(move |r| r.mode == mode && r.n == 1)
+            .filter(move |r| r.mode.model() == mode && r.n == 1)
             .flat_map(|r| r.starts_s())
     };
     // h0: measured start minus the simulated data time (with h0 = 0) of a lone VM.
@@ -377,7 +429,8 @@ pub fn calibrate(
         }
         let mut p = params.clone();
         p.n_vms = run.n;
-        let predicted: RunResult = simulate(run.mode, &p, &trace)?;
+        p.stripe_trees = run.mode.stripes();
+        let predicted: RunResult = simulate(run.mode.model(), &p, &trace)?;
         rows.push(Row {
             mode: run.mode,
             n: run.n,
@@ -464,7 +517,7 @@ mod tests {
                     })
                     .collect();
                 runs.push(MeasuredRun {
-                    mode,
+                    mode: mode.into(),
                     n,
                     registry_bytes: Some(r.registry_bytes),
                     cpu_busy: None,
@@ -504,6 +557,33 @@ mod tests {
     }
 
     #[test]
+    fn a_stripes_run_is_predicted_with_stripe_trees() {
+        let scenario = Scenario::load(&testdata("scenarios/testbed.toml")).unwrap();
+        let trace = scenario.block_trace().unwrap();
+        let mut measured = synthetic_measurement(&scenario, &trace);
+        // The bench's fourth mode, as results.json names it.
+        let json = r#"{"mode": "stripes", "n": 8, "vms": [{"vm": "vm0", "start_ms": 9000}]}"#;
+        let run: MeasuredRun = serde_json::from_str(json).unwrap();
+        assert_eq!(run.mode, MeasuredMode::Stripes);
+        measured.runs.push(run);
+        let cal = calibrate(&measured, &scenario, &trace, &Options::default()).unwrap();
+        let row = cal.rows.last().unwrap();
+        assert_eq!((row.mode, row.n), (MeasuredMode::Stripes, 8));
+        // Predicted as the model's function tree with stripe trees, not with the sibling
+        // exchange: each root reads its stripe, so the registry serves one working set.
+        let mut p = cal.params.clone();
+        p.n_vms = 8;
+        p.stripe_trees = true;
+        let stripes = simulate(Mode::Faasnet, &p, &cal.trace).unwrap();
+        p.stripe_trees = false;
+        let sibling = simulate(Mode::Faasnet, &p, &cal.trace).unwrap();
+        assert_ne!(stripes.max_s, sibling.max_s);
+        assert_eq!(row.predicted_max_s, stripes.max_s);
+        assert_eq!(row.predicted_registry_bytes, stripes.registry_bytes);
+        assert!(table(&cal).contains("| stripes | 8 |"));
+    }
+
+    #[test]
     fn real_results_json_is_read() {
         // A real hack/bench/startup.sh output (100 Mbit/s, N = 1, 2, 4, no sibling exchange)
         // and the trace of its image.
@@ -538,7 +618,7 @@ mod tests {
     #[test]
     fn errors_and_flags() {
         let r = Row {
-            mode: Mode::Faasnet,
+            mode: MeasuredMode::Faasnet,
             n: 4,
             measured_p50_s: 10.0,
             measured_max_s: 10.0,

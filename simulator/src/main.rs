@@ -470,7 +470,7 @@ fn calibrate_cmd(
             let mut ns: Vec<usize> = cal
                 .rows
                 .iter()
-                .filter(|r| r.mode == mode)
+                .filter(|r| r.mode == mode.into())
                 .map(|r| r.n)
                 .collect();
             ns.sort();
