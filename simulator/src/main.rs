@@ -133,9 +133,12 @@ enum Command {
         /// Write a PNG of the scale-out start times.
         #[arg(long)]
         plot: Option<PathBuf>,
-        /// Turn the sibling exchange off.
+        /// Turn the sibling exchange off (with --no-stripes).
         #[arg(long)]
         no_sibling: bool,
+        /// One function tree instead of the snapshotter's default two stripe trees.
+        #[arg(long)]
+        no_stripes: bool,
     },
     /// Draws start time against N from a JSON file of series (the benchmark report's
     /// measured figures): `{"title": "...", "series": {"mode": [[n, p50_s, max_s], ...]}}`.
@@ -216,9 +219,11 @@ fn main() -> Result<()> {
             large_ondemand,
             plot,
             no_sibling,
+            no_stripes,
         } => {
             let mut a = PaperAssumptions {
                 sibling_exchange: !no_sibling,
+                stripe_trees: !no_stripes,
                 ..Default::default()
             };
             if let Some(g) = registry_gbps {

@@ -33,8 +33,10 @@ pub struct PaperAssumptions {
     pub rtt_s: f64,
     /// Layers of the image.
     pub layers: usize,
-    /// Sibling exchange between the children of a parent (the snapshotter's default).
+    /// Sibling exchange between the children of a parent (used when stripe trees are off).
     pub sibling_exchange: bool,
+    /// Two stripe trees (the snapshotter's default, `lazy.stripe_trees`).
+    pub stripe_trees: bool,
 }
 
 impl Default for PaperAssumptions {
@@ -55,6 +57,7 @@ impl Default for PaperAssumptions {
             rtt_s: 0.0005,
             layers: 5,
             sibling_exchange: true,
+            stripe_trees: true,
         }
     }
 }
@@ -86,6 +89,7 @@ impl PaperAssumptions {
             h0_s: self.h0_s,
             unpack_bps: self.unpack_bps,
             sibling_exchange: self.sibling_exchange,
+            stripe_trees: self.stripe_trees,
             ..Params::default()
         }
     }
@@ -184,7 +188,7 @@ pub fn report(
         "registry egress {:.1} Gbps; VM links 1 Gbps; working set {:.1}% of the uncompressed image; \
          gzip ratio {:.2}; block-compressed ratio {:.3}; h0 {:.2} s; baseline unpack {:.0} MB/s; \
          RTT {:.2} ms; {} layers; read-ahead 8 blocks, bounded by the file (the synthetic working set is \
-         whole files); background prefetch after {:.1} s without on-demand fetches; sibling exchange {}; \
+         whole files); background prefetch after {:.1} s without on-demand fetches; {}; \
          512 KiB blocks.\n\n",
         a.registry_egress_bps / GBPS,
         a.working_set_fraction * 100.0,
@@ -195,7 +199,11 @@ pub fn report(
         a.rtt_s * 1000.0,
         a.layers,
         a.params(1).prefetch_quiet_s,
-        if a.sibling_exchange { "on" } else { "off" },
+        match (a.stripe_trees, a.sibling_exchange) {
+            (true, _) => "stripe trees (odd blocks down a second tree)",
+            (false, true) => "one tree with the sibling exchange",
+            (false, false) => "one tree, no sibling exchange",
+        },
     ));
     s.push_str("### Scale-out: 758 MB image, N concurrent starts (time until the last start)\n\n");
     s.push_str("| N | baseline (s) | on-demand (s) | FaaSNet (s) | FaaSNet p50 (s) | tree levels | baseline / FaaSNet | on-demand / FaaSNet | registry GB baseline / on-demand / FaaSNet |\n|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
