@@ -6,8 +6,8 @@ use std::io::{self, Read, Seek, SeekFrom};
 use std::path::Path;
 
 use faasnet_format::{
-    decode_block, parse_tail, parse_toc_frame, EntryKind, FormatError, TailParse, Toc,
-    DEFAULT_TAIL_FETCH,
+    decode_block, parse_tail, parse_toc_parts, toc_head_range, EntryKind, FormatError, TailParse,
+    Toc, DEFAULT_TAIL_FETCH,
 };
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -28,10 +28,11 @@ pub fn read_toc_file(path: &Path) -> Result<(Toc, u64)> {
     let toc = match parse_tail(&tail, size)? {
         TailParse::Complete(toc, _) => *toc,
         TailParse::NeedToc(footer) => {
-            let mut frame = vec![0u8; footer.toc_length as usize];
-            f.seek(SeekFrom::Start(footer.toc_offset))?;
-            f.read_exact(&mut frame)?;
-            parse_toc_frame(&frame, &footer)?
+            let (offset, len) = toc_head_range(&footer, size, tail_len);
+            let mut head = vec![0u8; len as usize];
+            f.seek(SeekFrom::Start(offset))?;
+            f.read_exact(&mut head)?;
+            parse_toc_parts(&head, &tail, &footer, size)?
         }
     };
     Ok((toc, size))
@@ -47,10 +48,10 @@ pub async fn read_toc_remote(store: &Store, desc: &Descriptor) -> Result<Toc> {
     let toc = match parse_tail(&tail, size).map_err(|e| layer_err(desc, e))? {
         TailParse::Complete(toc, _) => *toc,
         TailParse::NeedToc(footer) => {
-            let frame = store
-                .read_range(&desc.digest, footer.toc_offset, footer.toc_length)
-                .await?;
-            parse_toc_frame(&frame, &footer).map_err(|e| layer_err(desc, e))?
+            // Only the part of the TOC frame the tail does not hold.
+            let (offset, len) = toc_head_range(&footer, size, tail_len);
+            let head = store.read_range(&desc.digest, offset, len).await?;
+            parse_toc_parts(&head, &tail, &footer, size).map_err(|e| layer_err(desc, e))?
         }
     };
     Ok(toc)

@@ -14,7 +14,9 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use faasnet_format::{parse_tail, parse_toc_frame, TailParse, Toc, DEFAULT_TAIL_FETCH};
+use faasnet_format::{
+    parse_tail, parse_toc_parts, toc_head_range, TailParse, Toc, DEFAULT_TAIL_FETCH,
+};
 
 use crate::error::{Result, SimError};
 
@@ -308,11 +310,12 @@ pub fn read_toc(path: &Path) -> Result<Toc> {
     match parse_tail(&tail, size).map_err(fmt)? {
         TailParse::Complete(toc, _) => Ok(*toc),
         TailParse::NeedToc(footer) => {
-            let mut frame = vec![0u8; footer.toc_length as usize];
-            file.seek(SeekFrom::Start(footer.toc_offset))
-                .and_then(|_| file.read_exact(&mut frame))
+            let (offset, len) = toc_head_range(&footer, size, tail_len);
+            let mut head = vec![0u8; len as usize];
+            file.seek(SeekFrom::Start(offset))
+                .and_then(|_| file.read_exact(&mut head))
                 .map_err(|e| SimError::io(path, e))?;
-            parse_toc_frame(&frame, &footer).map_err(fmt)
+            parse_toc_parts(&head, &tail, &footer, size).map_err(fmt)
         }
     }
 }

@@ -292,8 +292,8 @@ impl RegistrySource {
 
     /// Fetches and parses the TOC from the blob's tail: one range request for a small layer,
     /// two when the TOC is larger than [`DEFAULT_TAIL_FETCH`], the second for exactly the
-    /// part of it the tail lacks (plus a HEAD when the size is unknown). A blob that is not in our format fails with a footer error
-    /// ([`LazyError::is_not_our_format`]).
+    /// part of it the tail lacks (plus a HEAD when the size is unknown). A blob that is not in
+    /// our format fails with a footer error ([`LazyError::is_not_our_format`]).
     pub async fn fetch_toc(&self, layer: &LayerRef, blob_size: Option<u64>) -> Result<FetchedToc> {
         let blob_size = match blob_size {
             Some(s) => s,
