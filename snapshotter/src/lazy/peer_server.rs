@@ -348,7 +348,8 @@ async fn serve_requests(stream: &mut TcpStream, child: SocketAddr, shared: &Shar
             return serve_follow(stream, &store, req.index as usize).await;
         }
         let index = req.index as usize;
-        trace!(layer = %req.digest, index, op = ?req.op, "block asked");
+        // The child and class let a per-hop analysis pair this with the child's "block landed".
+        trace!(layer = %req.digest, index, op = ?req.op, %child, "block asked");
         if index >= store.block_count() {
             shared.metrics.serve_errors.inc();
             let msg = encode_err(
@@ -431,7 +432,7 @@ async fn serve_requests(stream: &mut TcpStream, child: SocketAddr, shared: &Shar
                     }
                     return Err(io(e));
                 }
-                trace!(layer = %req.digest, index, "block served");
+                trace!(layer = %req.digest, index, ?class, %child, "block served");
                 shared.metrics.served_blocks.inc();
                 shared.metrics.served_bytes.inc_by(bytes.len() as u64);
             }
