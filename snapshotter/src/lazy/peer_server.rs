@@ -348,8 +348,7 @@ async fn serve_requests(stream: &mut TcpStream, child: SocketAddr, shared: &Shar
             return serve_follow(stream, &store, req.index as usize).await;
         }
         let index = req.index as usize;
-        // The child and class let a per-hop analysis pair this with the child's "block landed".
-        trace!(layer = %req.digest, index, op = ?req.op, %child, "block asked");
+        trace!(layer = %req.digest, index, op = ?req.op, "block asked");
         if index >= store.block_count() {
             shared.metrics.serve_errors.inc();
             let msg = encode_err(
@@ -432,7 +431,9 @@ async fn serve_requests(stream: &mut TcpStream, child: SocketAddr, shared: &Shar
                     }
                     return Err(io(e));
                 }
-                trace!(layer = %req.digest, index, ?class, %child, "block served");
+                // The span names the child; the class tells a follow from a prefetch in a per-hop
+                // analysis (hack/bench/perhop_report.py).
+                trace!(layer = %req.digest, index, ?class, "block served");
                 shared.metrics.served_blocks.inc();
                 shared.metrics.served_bytes.inc_by(bytes.len() as u64);
             }
