@@ -156,6 +156,16 @@ fn is_refused_as_upstream(e: &LazyError) -> bool {
     matches!(e, LazyError::Peer { reason, .. } if reason.contains(REFUSED_AS_UPSTREAM))
 }
 
+/// Why a fetch from a parent was given up because the tree no longer names that parent.
+const PARENT_REPLACED: &str = "no longer this block's parent";
+
+/// How often a fetch waiting on a parent checks that the tree still names it.
+const PARENT_CHECK: Duration = Duration::from_millis(100);
+
+fn is_parent_replaced(e: &LazyError) -> bool {
+    matches!(e, LazyError::Peer { reason, .. } if reason.contains(PARENT_REPLACED))
+}
+
 /// Checks stored bytes against the block table entry.
 pub fn verify_block(
     layer: &LayerRef,
@@ -454,12 +464,16 @@ impl FetchChain {
                 }
             }
             if let Some(addr) = self.peer_for(index) {
-                match self.fetch_from_peer(addr, layer, index, entry).await {
+                match self.fetch_from_parent(addr, layer, index, entry).await {
                     Ok(b) => return Ok((b, Source::Peer)),
                     // The parent refused: it fetches this block from us (views of the tree
                     // differ for a moment); no fault of the parent.
                     Err(e) if is_refused_as_upstream(&e) => {
                         debug!(%addr, index, "parent fetches this block from us; asking the registry")
+                    }
+                    // The tree moved on while we waited; no fault of the former parent.
+                    Err(e) if is_parent_replaced(&e) => {
+                        debug!(%addr, index, "the tree replaced this block's parent; asking the registry")
                     }
                     Err(e) => {
                         warn!(%addr, error = %e, "peer fetch failed; falling back to the registry");
@@ -496,6 +510,39 @@ impl FetchChain {
         }
         .instrument(span)
         .await
+    }
+
+    /// [`Self::fetch_from_peer`] from this block's parent, given up as soon as the tree names
+    /// another parent for it. While the trees change (VMs joining at once), fetches made to
+    /// parents of different epochs can form a circle longer than the two VMs the peer
+    /// server's refusal catches (measured: four VMs, each waiting on the next with
+    /// keep-alives until the 30 s deadline; docs/data/perhop-n16-25mbit-unprofiled.md). The
+    /// current tree has no circle, so every circle has an edge to a replaced parent, and
+    /// dropping that fetch breaks it.
+    async fn fetch_from_parent(
+        &self,
+        addr: SocketAddr,
+        layer: &LayerRef,
+        index: usize,
+        entry: &BlockEntry,
+    ) -> Result<Bytes> {
+        let fetch = self.fetch_from_peer(addr, layer, index, entry);
+        tokio::pin!(fetch);
+        let mut check = tokio::time::interval(PARENT_CHECK);
+        loop {
+            tokio::select! {
+                r = &mut fetch => return r,
+                _ = check.tick() => {
+                    let still = matches!(self.upstream_for(index), Upstream::Peer { addr: a, .. } if a == addr);
+                    if !still {
+                        return Err(LazyError::Peer {
+                            peer: addr.to_string(),
+                            reason: format!("block {index}: {PARENT_REPLACED}"),
+                        });
+                    }
+                }
+            }
+        }
     }
 
     async fn fetch_from_peer(
@@ -594,6 +641,7 @@ impl FetchChain {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lazy::peer_protocol;
     use crate::lazy::registry_source::RegistryOptions;
 
     /// A control plane with a fixed parent in each stripe tree.
@@ -704,6 +752,85 @@ mod tests {
             chain(Upstream::Root, Some(peer(b)), false).other_tree_peer(2),
             None
         );
+    }
+
+    /// A control plane whose second-tree parent can be replaced.
+    struct Movable {
+        second: Mutex<Upstream>,
+    }
+
+    impl UpstreamProvider for Movable {
+        fn current(&self) -> Upstream {
+            Upstream::Root
+        }
+        fn second(&self) -> Option<Upstream> {
+            Some(*self.second.lock().unwrap())
+        }
+        fn report_failure(&self, _peer: SocketAddr) {}
+    }
+
+    #[tokio::test]
+    async fn a_fetch_waiting_on_a_replaced_parent_is_given_up() {
+        use tokio::io::AsyncWriteExt;
+        // A parent that only ever sends keep-alives: it waits for a block itself (in the
+        // measured case, on a circle of VMs waiting for each other).
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let parent = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let h =
+                        peer_protocol::encode_response_header(peer_protocol::Status::KeepAlive, 0);
+                    while conn.write_all(&h).await.is_ok() {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                });
+            }
+        });
+        let upstream = Arc::new(Movable {
+            second: Mutex::new(Upstream::Peer {
+                addr: parent,
+                epoch: 1,
+            }),
+        });
+        let options = ChainOptions {
+            peer_block_deadline: Duration::from_secs(60),
+            ..ChainOptions::default()
+        };
+        let registry = RegistrySource::new(RegistryOptions {
+            insecure_registries: vec![],
+            timeout: None,
+        })
+        .unwrap();
+        let c = FetchChain::new(
+            Arc::new(registry),
+            upstream.clone(),
+            options,
+            Arc::new(LazyMetrics::default()),
+        )
+        .with_stripes();
+        let layer = LayerRef {
+            registry: "127.0.0.1:1".into(),
+            repository: "t".into(),
+            digest: format!("sha256:{}", "0".repeat(64)),
+        };
+        let entry = BlockEntry {
+            offset: 0,
+            stored_len: 10,
+            raw_len: 10,
+            digest: format!("sha256:{}", "0".repeat(64)),
+        };
+        let mover = upstream.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            *mover.second.lock().unwrap() = Upstream::Root;
+        });
+        // Without the check it would wait for the 60 s deadline and fail as a stall.
+        let e = c
+            .fetch_from_parent(parent, &layer, 1, &entry)
+            .await
+            .unwrap_err();
+        assert!(is_parent_replaced(&e), "{e}");
     }
 
     #[test]
