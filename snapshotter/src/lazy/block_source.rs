@@ -159,6 +159,10 @@ fn is_refused_as_upstream(e: &LazyError) -> bool {
 /// Why a fetch from a parent was given up because the tree no longer names that parent.
 const PARENT_REPLACED: &str = "no longer this block's parent";
 
+/// How many times one block follows its parent to a new one before it is read from the
+/// registry.
+const MAX_PARENT_MOVES: u32 = 4;
+
 /// How often a fetch waiting on a parent checks that the tree still names it.
 const PARENT_CHECK: Duration = Duration::from_millis(100);
 
@@ -463,7 +467,11 @@ impl FetchChain {
                     }
                 }
             }
-            if let Some(addr) = self.peer_for(index) {
+            // A parent the tree replaces while we wait hands the block on to the new one
+            // (a few times at most: joins move the trees several times a second).
+            let mut next_parent = self.peer_for(index);
+            let mut moves = 0;
+            while let Some(addr) = next_parent.take() {
                 match self.fetch_from_parent(addr, layer, index, entry).await {
                     Ok(b) => return Ok((b, Source::Peer)),
                     // The parent refused: it fetches this block from us (views of the tree
@@ -473,7 +481,11 @@ impl FetchChain {
                     }
                     // The tree moved on while we waited; no fault of the former parent.
                     Err(e) if is_parent_replaced(&e) => {
-                        debug!(%addr, index, "the tree replaced this block's parent; asking the registry")
+                        moves += 1;
+                        if moves <= MAX_PARENT_MOVES {
+                            next_parent = self.peer_for(index);
+                        }
+                        debug!(%addr, index, next = ?next_parent, "the tree replaced this block's parent");
                     }
                     Err(e) => {
                         warn!(%addr, error = %e, "peer fetch failed; falling back to the registry");
