@@ -672,17 +672,25 @@ mod tests {
         fn report_failure(&self, _peer: SocketAddr) {}
     }
 
-    fn chain(first: Upstream, second: Option<Upstream>, stripes: bool) -> FetchChain {
+    /// A chain over `upstream` with a registry client that is never reached in these tests.
+    fn chain_over(upstream: Arc<dyn UpstreamProvider>, options: ChainOptions) -> FetchChain {
         let registry = RegistrySource::new(RegistryOptions {
             insecure_registries: vec![],
             timeout: None,
         })
         .unwrap();
-        let c = FetchChain::new(
+        FetchChain::new(
             Arc::new(registry),
+            upstream,
+            options,
+            Arc::new(LazyMetrics::default()),
+        )
+    }
+
+    fn chain(first: Upstream, second: Option<Upstream>, stripes: bool) -> FetchChain {
+        let c = chain_over(
             Arc::new(TwoTrees { first, second }),
             ChainOptions::default(),
-            Arc::new(LazyMetrics::default()),
         );
         if stripes {
             c.with_stripes()
@@ -809,18 +817,7 @@ mod tests {
             peer_block_deadline: Duration::from_secs(60),
             ..ChainOptions::default()
         };
-        let registry = RegistrySource::new(RegistryOptions {
-            insecure_registries: vec![],
-            timeout: None,
-        })
-        .unwrap();
-        let c = FetchChain::new(
-            Arc::new(registry),
-            upstream.clone(),
-            options,
-            Arc::new(LazyMetrics::default()),
-        )
-        .with_stripes();
+        let c = chain_over(upstream.clone(), options).with_stripes();
         let layer = LayerRef {
             registry: "127.0.0.1:1".into(),
             repository: "t".into(),
