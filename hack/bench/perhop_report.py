@@ -15,8 +15,10 @@ to the socket) and the child's "block landed", and splits the hop into:
   uplink        from the moment the parent held it until it was written (its uplink turn)
   arrival       from the write to the child's landing (wire, queue, verification)
 
-It also prints, per child, how long its requests waited on parents in all, and lists the
-peer fetches that gave up on keep-alives (a stalled or circular wait). A diagnosis tool: it
+It also prints, per child, how long its requests waited on parents in all; per VM, its parents
+for even and odd blocks and when its 10th, 20th, 30th and 40th block of each parity landed
+(stripe progress: does a VM lag its parent, or do all move at their roots' pace?); and lists
+the peer fetches that gave up on keep-alives (a stalled or circular wait). A diagnosis tool: it
 asserts nothing.
 """
 import datetime
@@ -91,6 +93,23 @@ for child in vms:
     if rows:
         parents = " ".join(f"vm{p}" for p in sorted({h[1] for h in rows}))
         print(f"| vm{child} | {len(rows)} | {sum(h[3] for h in rows):.1f} | {pct([h[3] for h in rows], 0.9):.2f} | {parents} |")
+t0 = min(t for blocks in landed.values() for t in blocks.values())
+print("\nStripe progress: s after the first block landed anywhere, by which the 10th / 20th /"
+      " 30th / 40th block of each parity had landed (no parent: the registry, a root)\n")
+print("| VM | even from | even | odd from | odd |")
+print("|---|---|---|---|---|")
+parents = {}  # (child, parity) -> parents that served it
+for (parent, child), blocks in served.items():
+    for key in blocks:
+        parents.setdefault((child, key[1] % 2), set()).add(parent)
+for vm in vms:
+    cells = []
+    for parity in (0, 1):
+        times = sorted(t - t0 for key, t in landed.get(vm, {}).items() if key[1] % 2 == parity)
+        marks = " / ".join(f"{times[n - 1]:.1f}" if len(times) >= n else "-" for n in (10, 20, 30, 40))
+        who = " ".join(f"vm{p}" for p in sorted(parents.get((vm, parity), ()))) or "no parent"
+        cells += [who, marks]
+    print(f"| vm{vm} | " + " | ".join(cells) + " |")
 print(f"\nPeer fetches that gave up on keep-alives: {len(stalls)}")
 for vm, t, err in sorted(stalls, key=lambda s: s[1]):
     print(f"- vm{vm} {t}: {err}")
