@@ -37,6 +37,9 @@
 # State: /var/lib/faasnet-testbed (roots), /run/faasnet-testbed (sockets, logs, pids).
 # Environment: FAASNET_TB_LOG sets the snapshotters' log filter (default info); FAASNET_TB_LAZY
 # adds lines to their [lazy] section on up/reset, e.g. "follow_concurrency = 0" for A/B runs.
+# FAASNET_TB_NS_SYSCTL: sysctls set in every namespace (VMs and registry) on up, e.g.
+# "net.ipv4.tcp_slow_start_after_idle=0" for A/B runs (docs/benchmarks.md, "Slack on the
+# uplinks"); default none (the kernel's settings).
 set -euo pipefail
 
 # shellcheck source=lib/common.sh
@@ -81,6 +84,10 @@ vm_count() { cat "${TB_RUN}/vms" 2>/dev/null || echo 0; }
 add_link() {  # add_link NS IP IFNAME-ON-HOST RATE
   local ns="$1" ip="$2" hif="$3" rate="$4"
   ip netns add "$ns"
+  local kv
+  for kv in ${FAASNET_TB_NS_SYSCTL:-}; do
+    ip netns exec "$ns" sysctl -qw "$kv"
+  done
   ip link add "$hif" type veth peer name eth0 netns "$ns"
   ip link set "$hif" master "$BRIDGE" up
   ip -n "$ns" addr add "${ip}/24" dev eth0
