@@ -10,8 +10,11 @@
 //!    with a TCP reset in each VM's namespace, as a dead registry process would).
 //! 4. vm2 and vm3 run the function: the output is right, their blocks came from peers
 //!    (registry block count 0, peer blocks still arriving during the outage), and the
-//!    registry's access log shows no block read from them at all: the blob bytes it sent to
-//!    their addresses fit in their TOC fetches.
+//!    registry's access log shows that it sent them nothing during the outage (no request
+//!    got through on a connection opened before it). Before the outage the log may show
+//!    more than their TOC fetches: with stripe trees a later VM can be the root of the
+//!    second tree and begin reading its stripe from the registry as soon as it has pulled;
+//!    a read cut off by the outage is not a block taken (its block comes from a peer).
 //! 5. The outage ends; vm2's and vm3's rootfs equal the ORIGINAL image's.
 //!
 //! Limit: a VM that has never pulled the image still needs the registry for the manifest,
@@ -92,6 +95,12 @@ fn registry_down() -> anyhow::Result<()> {
         "registry down (curl from vm2: {}); vm2/vm3 held {at_outage:?} of {total_blocks} blocks",
         String::from_utf8_lossy(&reachable.stderr).trim()
     );
+    // What the registry sent them before the outage: a read it cut off is logged when the
+    // registry's handler returns, a moment after the reset.
+    std::thread::sleep(Duration::from_secs(1));
+    let before_outage: Vec<u64> = (2..VMS)
+        .map(|i| blob_bytes_served_to(&registry, &net.vm_ip(i)))
+        .collect();
 
     // 4. They start anyway.
     for (vm, before) in vms[2..].iter().zip(&at_outage) {
@@ -127,16 +136,17 @@ fn registry_down() -> anyhow::Result<()> {
             vm.name
         );
     }
-    for i in 2..VMS {
+    for (i, before) in (2..VMS).zip(&before_outage) {
         let served = blob_bytes_served_to(&registry, &net.vm_ip(i));
         eprintln!(
-            "registry access log: {served} blob bytes sent to vm{i} (its TOC fetches may take \
-             {toc_allowance})"
+            "registry access log: {before} blob bytes sent to vm{i} before the outage (its TOC \
+             fetches take up to {toc_allowance}), {} during it",
+            served - before
         );
         ensure!(
-            served <= toc_allowance,
-            "the registry sent vm{i} {served} blob bytes, more than its TOC fetches \
-             ({toc_allowance})"
+            served == *before,
+            "the registry sent vm{i} {} blob bytes during the outage",
+            served - before
         );
     }
 
