@@ -98,16 +98,16 @@ print("\nStripe progress: s after the first block landed anywhere, by which the 
       " 30th / 40th block of each parity had landed (no parent: the registry, a root)\n")
 print("| VM | even from | even | odd from | odd |")
 print("|---|---|---|---|---|")
-parents = {}  # (child, parity) -> parents that served it
+parents_of = {}  # (child, parity) -> parents that served it
 for (parent, child), blocks in served.items():
     for key in blocks:
-        parents.setdefault((child, key[1] % 2), set()).add(parent)
+        parents_of.setdefault((child, key[1] % 2), set()).add(parent)
 for vm in vms:
     cells = []
     for parity in (0, 1):
         times = sorted(t - t0 for key, t in landed.get(vm, {}).items() if key[1] % 2 == parity)
         marks = " / ".join(f"{times[n - 1]:.1f}" if len(times) >= n else "-" for n in (10, 20, 30, 40))
-        who = " ".join(f"vm{p}" for p in sorted(parents.get((vm, parity), ()))) or "no parent"
+        who = " ".join(f"vm{p}" for p in sorted(parents_of.get((vm, parity), ()))) or "no parent"
         cells += [who, marks]
     print(f"| vm{vm} | " + " | ".join(cells) + " |")
 print(f"\nPeer fetches that gave up on keep-alives: {len(stalls)}")
