@@ -95,8 +95,10 @@ fn registry_down() -> anyhow::Result<()> {
         "registry down (curl from vm2: {}); vm2/vm3 held {at_outage:?} of {total_blocks} blocks",
         String::from_utf8_lossy(&reachable.stderr).trim()
     );
-    // What the registry sent them before the outage: a read it cut off is logged when the
-    // registry's handler returns, a moment after the reset.
+    // What the registry sent them before the outage. It logs a request when its handler
+    // returns: once the whole response is in its socket buffers (the resets stay inside the
+    // VMs' namespaces, so a response that did not fit never returns during the test). The
+    // pause lets a response still being written at the cut finish into those buffers.
     std::thread::sleep(Duration::from_secs(1));
     let before_outage: Vec<u64> = (2..VMS)
         .map(|i| blob_bytes_served_to(&registry, &net.vm_ip(i)))
